@@ -1,0 +1,156 @@
+"""The intake port: every channel adapter hands an ``Inbound`` here.
+
+Order matters and is the privacy and no-loss guarantee: validate, anonymize, persist, then queue.
+Nothing raw is ever stored or queued; a message is in SQL before the broker sees its id.
+"""
+
+from __future__ import annotations
+
+import logging
+import unicodedata
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from core import texts
+from core.conversations import find_by_idempotency_key, get_or_create_conversation, get_or_create_user, store_reply
+from core.db import Database
+from core.errors import BrokerUnavailable, PrivacyError
+from core.schema import Message, MessageRole, MessageStatus
+from core.settings import Settings
+from core.types import Inbound
+
+log = logging.getLogger(__name__)
+
+RULES_VERSION = "supportbot-rules"
+
+
+@dataclass(frozen=True)
+class Receipt:
+    message_id: int
+    conversation_id: int
+    duplicate: bool = False
+    # Set when intake answered by itself (empty, binary, held) and nothing was queued.
+    immediate_reply: str | None = None
+    queued: bool = False
+
+
+def clean_text(raw: str | bytes) -> tuple[str, str | None]:
+    """Normalize raw input. Returns (text, problem) where problem is "empty", "binary" or None."""
+    if isinstance(raw, bytes):
+        raw = raw.decode("utf-8", errors="replace")
+    if not raw or not raw.strip():
+        return "", "empty"
+    sample = raw[:4096]
+    bad = sum(
+        1
+        for ch in sample
+        if ch == "\ufffd" or (unicodedata.category(ch) in ("Cc", "Cs", "Co", "Cn") and ch not in "\n\r\t")
+    )
+    if bad / len(sample) > 0.10:
+        return "", "binary"
+    # Drop stray control characters (NUL would also break PostgreSQL text columns).
+    text = "".join(ch for ch in raw if ch in "\n\r\t" or unicodedata.category(ch) != "Cc")
+    text = text.replace("\ufffd", "")
+    return (text, None) if text.strip() else ("", "empty")
+
+
+class Intake:
+    """Validate, anonymize, store and queue inbound messages."""
+
+    def __init__(
+        self,
+        *,
+        settings: Settings,
+        db: Database,
+        anonymize: Callable[[str, str], str],
+        enqueue: Callable[[int], None],
+    ) -> None:
+        self.settings = settings
+        self.db = db
+        self.anonymize = anonymize  # (text, scope) -> anonymized text; raises PrivacyError
+        self.enqueue = enqueue
+
+    def receive(self, inbound: Inbound) -> Receipt:
+        key = f"{inbound.platform}:{inbound.event_id}" if inbound.event_id else None
+        with self.db.session() as session:
+            if key:
+                seen = find_by_idempotency_key(session=session, key=key)
+                if seen is not None:
+                    # A platform retry or a double delivery: one message, one answer.
+                    log.info("duplicate delivery of %s ignored (message %s)", key, seen.id)
+                    return Receipt(seen.id, seen.conversation_id, duplicate=True)
+
+        text, problem = clean_text(inbound.text)
+        truncated = len(text) > self.settings.max_stored_chars
+        if truncated:
+            text = text[: self.settings.max_stored_chars]
+        scope = f"{inbound.platform}:{inbound.channel}:{inbound.thread}"
+        held_reason = None
+        if not problem:
+            try:
+                text = self.anonymize(text, scope)
+            except PrivacyError as err:
+                held_reason = str(err) or "anonymization failed"
+                text = ""  # never stored raw
+
+        with self.db.session() as session:
+            user = get_or_create_user(
+                session=session, platform=inbound.platform, external_id=self._user_key(inbound)
+            )
+            conversation = get_or_create_conversation(
+                session=session,
+                platform=inbound.platform,
+                channel=inbound.channel,
+                thread=inbound.thread,
+                user_id=user.id,
+            )
+            message = Message(
+                conversation_id=conversation.id,
+                user_id=user.id,
+                role=MessageRole.user,
+                text=text,
+                idempotency_key=key,
+                status=MessageStatus.held if held_reason else MessageStatus.received,
+                error=held_reason or problem,
+                meta={"chars": len(inbound.text), "truncated": truncated},
+            )
+            session.add(message)
+            session.flush()
+            immediate = None
+            if problem or held_reason:
+                ref = uuid.uuid4().hex[:8]
+                immediate = {
+                    "empty": texts.EMPTY_MESSAGE,
+                    "binary": texts.BINARY_MESSAGE,
+                }.get(problem or "", texts.PRIVACY_HELD.format(ref=ref))
+                if held_reason:
+                    log.warning("message %s held: anonymization failed (ref %s)", message.id, ref)
+                store_reply(
+                    session=session,
+                    question=message,
+                    text=immediate,
+                    model_version=RULES_VERSION,
+                    status=MessageStatus.answered,
+                )
+                if held_reason:
+                    message.status = MessageStatus.held
+            receipt = Receipt(message.id, conversation.id, immediate_reply=immediate)
+
+        if immediate is not None:
+            return receipt
+        try:
+            self.enqueue(receipt.message_id)
+        except Exception as err:  # the broker's client raises many kinds; the message is safe in SQL
+            log.error("could not queue message %s: %s", receipt.message_id, err)
+            raise BrokerUnavailable(f"could not queue message {receipt.message_id}: {err}") from err
+        with self.db.session() as session:
+            row = session.get(Message, receipt.message_id)
+            if row is not None and row.status == MessageStatus.received:
+                row.status = MessageStatus.queued
+        return Receipt(receipt.message_id, receipt.conversation_id, queued=True)
+
+    @staticmethod
+    def _user_key(inbound: Inbound) -> str:
+        # The platform's user id is an opaque id, not a name; it stays so rate limits and ratings work.
+        return inbound.user_external_id or "unknown"

@@ -1,0 +1,1 @@
+"""Shared pieces every part of supportbot uses: settings, the SQL schema, domain types, errors."""

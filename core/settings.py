@@ -1,0 +1,110 @@
+"""The one typed settings object. Built once at start-up and passed down; nothing reads env at import."""
+
+from __future__ import annotations
+
+from functools import cached_property
+from pathlib import Path
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+EMBEDDED_MODEL = "embedded:smollm2-135m-instruct"
+EMBEDDED_EMBEDDER = "embedded:all-minilm-l6-v2"
+
+
+class Settings(BaseSettings):
+    """Every knob of supportbot. Environment variables carry the ``SUPPORTBOT_`` prefix."""
+
+    model_config = SettingsConfigDict(env_prefix="SUPPORTBOT_", env_file=".env", extra="ignore")
+
+    environment: str = Field("development", description="development, test or production")
+    data_dir: Path = Field(Path(".data"), description="Where SQLite, the index, models and logs live")
+    database_url: str | None = Field(None, description="SQLAlchemy URL; default SQLite under DATA_DIR")
+    broker_url: str | None = Field(
+        None, description="Celery broker; default an embedded file broker under DATA_DIR; prod redis://"
+    )
+    model_cache: Path | None = Field(
+        None, description="Where the embedded model is converted once; default ~/.cache/supportbot"
+    )
+
+    # Model
+    base_model: str = Field(EMBEDDED_MODEL, description="Embedded SmolLM2 or a local Llama checkpoint path")
+    adapter: str | None = Field(None, description="Optional LoRA adapter folder applied on the base model")
+    load_in_4bit: bool = Field(False, description="Load the base model in NF4 4-bit, double quant")
+    device: str = Field("auto", description="auto, cpu or cuda")
+    torch_threads: int = Field(0, description="torch CPU threads; 0 keeps torch's default")
+    max_new_tokens: int = Field(160, ge=1, le=4096, description="Answer length limit in tokens")
+    max_prompt_tokens: int = Field(1536, ge=64, description="Prompt is trimmed (oldest history first) to fit")
+    generation_timeout_s: float = Field(120.0, gt=0, description="Generation stops here; partial answer kept")
+    temperature: float = Field(0.0, ge=0.0, description="0 gives greedy, repeatable answers")
+    history_turns: int = Field(6, ge=0, description="Earlier turns of the conversation put in the prompt")
+
+    # Retrieval
+    embedding_model: str = Field(EMBEDDED_EMBEDDER, description="Embedded MiniLM or a local folder")
+    retrieval_k: int = Field(3, ge=1, le=50, description="Tickets put in the prompt")
+    ann_threshold: int = Field(50_000, description="Above this many tickets an ANN index replaces exact search")
+    min_confidence: float = Field(0.35, description="Below this the bot says it is not sure and offers escalation")
+
+    # Input limits
+    max_message_chars: int = Field(4000, ge=100, description="Longer messages are cut to this before the model")
+    max_stored_chars: int = Field(100_000, description="Longer inputs are cut before storing")
+
+    # Console channel
+    answer_wait_s: float = Field(300.0, description="How long `supportbot ask` waits for the worker")
+
+    # Privacy
+    privacy_key: SecretStr | None = Field(None, description="Key to encrypt pseudonym maps at rest")
+
+    # Platforms (later adapters)
+    slack_bot_token: SecretStr | None = None
+    slack_signing_secret: SecretStr | None = None
+    slack_api_url: str = "https://slack.com/api/"
+    telegram_bot_token: SecretStr | None = None
+    telegram_api_url: str = "https://api.telegram.org/bot"
+
+    @field_validator("data_dir")
+    @classmethod
+    def _absolute(cls, value: Path) -> Path:
+        return value.expanduser().resolve()
+
+    @cached_property
+    def db_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{self.data_dir / 'supportbot.db'}"
+
+    @property
+    def embedded_broker(self) -> bool:
+        return self.broker_url is None or self.broker_url.startswith("filesystem://")
+
+    @property
+    def broker_dir(self) -> Path:
+        return self.data_dir / "broker"
+
+    @property
+    def celery_broker_url(self) -> str:
+        return self.broker_url or "filesystem://"
+
+    @property
+    def model_cache_dir(self) -> Path:
+        return (self.model_cache or Path.home() / ".cache" / "supportbot").expanduser().resolve()
+
+    @property
+    def index_dir(self) -> Path:
+        return self.data_dir / "index"
+
+    @property
+    def adapters_dir(self) -> Path:
+        return self.data_dir / "adapters"
+
+    def ensure_dirs(self) -> None:
+        for path in (self.data_dir, self.index_dir, self.adapters_dir):
+            path.mkdir(parents=True, exist_ok=True)
+        if self.embedded_broker:
+            for sub in ("in", "processed"):
+                (self.broker_dir / sub).mkdir(parents=True, exist_ok=True)
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Build the settings from the environment (and ``.env``), with explicit overrides on top."""
+    return Settings(**overrides)  # type: ignore[arg-type]

@@ -1,0 +1,28 @@
+"""Every text a user reads from supportbot, in one place so wording stays consistent and reviewable."""
+
+EMPTY_MESSAGE = "I got an empty message. Describe what is broken (device, what you see, any error code) and I'll look for a fix."
+BINARY_MESSAGE = (
+    "That looks like binary data, not text, so I can't read it. Please type the problem, "
+    "or paste the error message as text."
+)
+TRUNCATED_NOTE = "(Your message was very long; I read the first {limit:,} characters.)"
+NOT_SURE = (
+    "I'm not sure: I found no resolved ticket that matches this problem, and I'd rather not guess. "
+    "Reply /escalate to hand it to a technician."
+)
+POSSIBLY_RELATED = "Possibly related: {tickets}."
+SOURCES = "Sources: {ids}"
+FIX_TIME = "Estimated fix time: about {hours:g} h"
+DELAYED = "Sorry, this is taking longer than usual. I'm still on it."
+FAILED = "Sorry, I couldn't answer this one (reference {ref}). It has been logged; reply /escalate to reach a technician."
+TIMED_OUT = "Sorry, I ran out of time writing an answer (reference {ref}). Reply /escalate to reach a technician."
+PRIVACY_HELD = (
+    "I couldn't safely remove personal details from your message, so I didn't process it. "
+    "It is kept aside for review (reference {ref}). Please rephrase without names or contact details."
+)
+RATE_LIMITED = "You're sending questions faster than I can answer. Please wait a moment and try again."
+NO_WORKER = (
+    "No supportbot worker is reachable on the configured broker ({broker}). "
+    "Start one with `supportbot worker` and try again."
+)
+WAIT_TIMEOUT = "No answer arrived within {seconds:g} s. Your question is saved (message {message_id}) and will be answered."

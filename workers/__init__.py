@@ -1,0 +1,1 @@
+"""Celery workers: the answer path, light jobs (ingest, index, export) and training."""

@@ -1,0 +1,143 @@
+"""The answer step: retrieve, prompt, generate, store. One ``Answerer`` per worker process."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+
+from core import texts
+from core.conversations import answer_for, history, store_reply
+from core.db import Database
+from core.errors import GenerationTimeout, SupportbotError
+from core.schema import Message, MessageRole, MessageStatus, ModelStatus, ModelVersion
+from core.settings import Settings
+from core.types import SearchResult, TicketHit
+from model.prompt import Turn, build_messages, estimate_hours
+
+log = logging.getLogger(__name__)
+
+
+def compose(answer: str, hits: list[TicketHit], hours: float | None) -> str:
+    """The model's text plus the sources and the fix-time estimate, which never depend on the model."""
+    lines = [answer.strip()]
+    if hits:
+        lines.append(texts.SOURCES.format(ids=", ".join(h.id for h in hits)))
+    if hours is not None:
+        lines.append(texts.FIX_TIME.format(hours=hours))
+    return "\n\n".join(line for line in lines if line)
+
+
+class Answerer:
+    def __init__(self, *, settings: Settings, db: Database) -> None:
+        from model.runtime import LanguageModel
+        from retrieval.search import TicketIndex
+        from workers.batching import Batcher
+
+        started = time.monotonic()
+        self.settings = settings
+        self.db = db
+        self.model = LanguageModel(settings)
+        self.batcher = Batcher(self.model)
+        self.index = TicketIndex.open(settings=settings, db=db)
+        self._adapter_checked = 0.0
+        self._adapter_lock = threading.Lock()
+        self.sync_adapter(force=True)
+        log.info("answerer ready in %.1f s (model %s)", time.monotonic() - started, self.model.version)
+
+    def sync_adapter(self, *, force: bool = False) -> None:
+        """Follow the registry: the active adapter row decides what this worker serves, no restart."""
+        now = time.monotonic()
+        if not force and now - self._adapter_checked < 2.0:
+            return
+        with self._adapter_lock:
+            self._adapter_checked = now
+            with self.db.session() as session:
+                active = (
+                    session.query(ModelVersion)
+                    .filter(ModelVersion.status == ModelStatus.active)
+                    .order_by(ModelVersion.promoted_at.desc())
+                    .first()
+                )
+                target = (active.adapter_path, active.name) if active and active.adapter_path else None
+            if target is None:
+                if self.model.adapter_path and self.model.adapter_path != self.settings.adapter:
+                    self.model.use_adapter(self.settings.adapter)
+                return
+            if target[0] != self.model.adapter_path:
+                self.model.use_adapter(target[0], target[1])
+
+    def answer(self, message_id: int) -> Message | None:
+        """Answer one stored user message, exactly once. Returns the reply (new or earlier)."""
+        with self.db.session() as session:
+            question = session.get(Message, message_id)
+            if question is None or question.role != MessageRole.user:
+                log.warning("message %s is not a user message; nothing to answer", message_id)
+                return None
+            earlier = answer_for(session=session, message_id=message_id)
+            if earlier is not None:
+                return earlier  # redelivered task or duplicate: the answer exists already
+            if question.status == MessageStatus.held:
+                return None
+            question.status = MessageStatus.answering
+            question.attempts = (question.attempts or 0) + 1
+            turns = [
+                Turn("assistant" if m.role == MessageRole.assistant else "user", m.text[: self.settings.max_message_chars])
+                for m in history(
+                    session=session,
+                    conversation_id=question.conversation_id,
+                    before_id=question.id,
+                    turns=self.settings.history_turns,
+                )
+                if m.text
+            ]
+            text = question.text
+            truncated = bool(question.meta.get("truncated")) or len(text) > self.settings.max_message_chars
+
+        self.sync_adapter()
+        ref = uuid.uuid4().hex[:8]
+        query = text[: self.settings.max_message_chars]
+        try:
+            result = self.index.search(query, k=self.settings.retrieval_k)
+            reply, hits, hours = self._write(query, turns, result)
+            if truncated:
+                reply = texts.TRUNCATED_NOTE.format(limit=self.settings.max_message_chars) + "\n\n" + reply
+            status, error = MessageStatus.answered, None
+        except GenerationTimeout as err:
+            log.error("message %s: generation timed out (ref %s)", message_id, ref)
+            reply, hits, hours, result = texts.TIMED_OUT.format(ref=ref), [], None, SearchResult()
+            status, error = MessageStatus.failed, f"timeout: {err} (ref {ref})"
+        except SupportbotError as err:
+            log.exception("message %s failed (ref %s)", message_id, ref)
+            reply, hits, hours, result = texts.FAILED.format(ref=ref), [], None, SearchResult()
+            status, error = MessageStatus.failed, f"{type(err).__name__}: {err} (ref {ref})"
+
+        with self.db.session() as session:
+            question = session.get(Message, message_id)
+            assert question is not None
+            stored, _ = store_reply(
+                session=session,
+                question=question,
+                text=reply,
+                model_version=self.model.version,
+                sources=[h.id for h in hits],
+                confidence=result.confidence,
+                estimated_hours=hours,
+                status=status,
+                error=error,
+            )
+        return stored
+
+    def _write(self, query: str, turns: list[Turn], result: SearchResult) -> tuple[str, list[TicketHit], float | None]:
+        if not result.hits or result.confidence < self.settings.min_confidence:
+            reply = texts.NOT_SURE
+            if result.hits:
+                near = ", ".join(f"{h.id} ({h.title})" if h.title else h.id for h in result.hits[:2])
+                reply += "\n\n" + texts.POSSIBLY_RELATED.format(tickets=near)
+            return reply, [], None
+        hits = list(result.hits)
+        messages = build_messages(question=query, tickets=hits, history=turns)
+        generation = self.batcher.generate(messages)
+        hours = estimate_hours(hits)
+        return compose(generation.text, hits, hours), hits, hours
