@@ -21,8 +21,16 @@ COMMAND_MODULES = ("retrieval.cli", "bot.privacy.cli", "model.cli")
 
 
 def setup_logging(settings: Settings, *, verbose: bool = False) -> None:
+    from workers.observability import ContextFilter, JsonFormatter
+
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.addFilter(ContextFilter())
+    if settings.log_json:
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(
+            logging.Formatter("%(asctime)s %(levelname)s %(name)s [m=%(message_id)s c=%(conversation_id)s] %(message)s")
+        )
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(logging.DEBUG if verbose else logging.WARNING)

@@ -11,9 +11,17 @@ import unicodedata
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+
+from sqlalchemy import func, select
 
 from core import texts
-from core.conversations import find_by_idempotency_key, get_or_create_conversation, get_or_create_user, store_reply
+from core.conversations import (
+    find_by_idempotency_key,
+    get_or_create_conversation,
+    get_or_create_user,
+    store_reply,
+)
 from core.db import Database
 from core.errors import BrokerUnavailable, PrivacyError
 from core.schema import Message, MessageRole, MessageStatus
@@ -105,6 +113,8 @@ class Intake:
                 thread=inbound.thread,
                 user_id=user.id,
             )
+            if not problem and not held_reason and self._over_rate_limit(session, user.id):
+                problem = "rate_limited"
             message = Message(
                 conversation_id=conversation.id,
                 user_id=user.id,
@@ -123,6 +133,7 @@ class Intake:
                 immediate = {
                     "empty": texts.EMPTY_MESSAGE,
                     "binary": texts.BINARY_MESSAGE,
+                    "rate_limited": texts.RATE_LIMITED,
                 }.get(problem or "", texts.PRIVACY_HELD.format(ref=ref))
                 if held_reason:
                     log.warning("message %s held: anonymization failed (ref %s)", message.id, ref)
@@ -149,6 +160,18 @@ class Intake:
             if row is not None and row.status == MessageStatus.received:
                 row.status = MessageStatus.queued
         return Receipt(receipt.message_id, receipt.conversation_id, queued=True)
+
+    def _over_rate_limit(self, session, user_id: int) -> bool:  # type: ignore[no-untyped-def]
+        limit = self.settings.rate_limit_per_minute
+        if not limit:
+            return False
+        since = datetime.now(timezone.utc) - timedelta(minutes=1)
+        recent = session.scalar(
+            select(func.count())
+            .select_from(Message)
+            .where(Message.user_id == user_id, Message.role == MessageRole.user, Message.created_at >= since)
+        )
+        return int(recent or 0) >= limit
 
     @staticmethod
     def _user_key(inbound: Inbound) -> str:

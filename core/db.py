@@ -16,6 +16,11 @@ MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
 
 def make_engine(url: str) -> Engine:
     if url.startswith("sqlite"):
+        from sqlalchemy.engine import make_url
+
+        database = make_url(url).database
+        if database and database != ":memory:":
+            Path(database).parent.mkdir(parents=True, exist_ok=True)
         # Workers, the console and the sweeper share one SQLite file: WAL plus a busy timeout lets
         # them write without "database is locked".
         engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})

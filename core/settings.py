@@ -49,6 +49,16 @@ class Settings(BaseSettings):
     max_message_chars: int = Field(4000, ge=100, description="Longer messages are cut to this before the model")
     max_stored_chars: int = Field(100_000, description="Longer inputs are cut before storing")
 
+    # Workers
+    rate_limit_per_minute: int = Field(20, ge=0, description="Questions one user may ask per minute; 0 is no limit")
+    sweep_after_s: float = Field(180.0, gt=0, description="Unanswered messages older than this are re-queued")
+    sweep_every_s: float = Field(30.0, gt=0, description="How often the beat runs the sweeper")
+    visibility_timeout_s: int = Field(600, ge=5, description="Redis: an unacknowledged task returns after this")
+    answer_soft_limit_s: float = Field(300.0, gt=0, description="An answer task past this ends with a clear message")
+    batch_max: int = Field(16, ge=1, description="Most conversations one forward pass serves")
+    metrics_port: int = Field(0, ge=0, description="Prometheus metrics port of a worker; 0 is off")
+    log_json: bool = Field(False, description="Structured JSON logs with conversation and message ids")
+
     # Console channel
     answer_wait_s: float = Field(300.0, description="How long `supportbot ask` waits for the worker")
 

@@ -164,6 +164,6 @@ class WorkerProcess:
 
 
 def seed_tickets(settings: Settings, db: Database) -> None:
-    from retrieval.cli import ingest_file
+    from retrieval.ingest import ingest_file
 
     ingest_file(settings=settings, db=db, path=FIXTURES / "spine_tickets.jsonl")

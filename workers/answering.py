@@ -39,7 +39,7 @@ class Answerer:
         self.settings = settings
         self.db = db
         self.model = LanguageModel(settings)
-        self.batcher = Batcher(self.model)
+        self.batcher = Batcher(self.model, max_batch=settings.batch_max)
         self.index = TicketIndex.open(settings=settings, db=db)
         self._adapter_checked = 0.0
         self._adapter_lock = threading.Lock()
@@ -136,8 +136,10 @@ class Answerer:
                 near = ", ".join(f"{h.id} ({h.title})" if h.title else h.id for h in result.hits[:2])
                 reply += "\n\n" + texts.POSSIBLY_RELATED.format(tickets=near)
             return reply, [], None
-        hits = list(result.hits)
+        # Only tickets the retriever is confident about are shown to the model and cited as sources;
+        # a weak third hit would dilute the prompt and the fix-time estimate.
+        hits = [h for h in result.hits if h.score >= self.settings.min_confidence] or list(result.hits[:1])
         messages = build_messages(question=query, tickets=hits, history=turns)
-        generation = self.batcher.generate(messages)
+        generation = self.batcher.generate(messages, timeout_s=self.settings.answer_soft_limit_s)
         hours = estimate_hours(hits)
         return compose(generation.text, hits, hours), hits, hours

@@ -46,6 +46,19 @@ def configure(settings: Settings) -> Celery:
         worker_hijack_root_logger=False,
         worker_send_task_events=False,
         enable_utc=True,
+        beat_schedule={
+            "sweep-unanswered": {
+                "task": "supportbot.light.sweep",
+                "schedule": settings.sweep_every_s,
+                "args": [settings.sweep_after_s],
+                "options": {"queue": LIGHT_QUEUE, "expires": settings.sweep_every_s},
+            },
+            "export-training-data": {
+                "task": "supportbot.light.export",
+                "schedule": 24 * 3600.0,
+                "options": {"queue": LIGHT_QUEUE},
+            },
+        },
     )
     if settings.embedded_broker:
         folder = str(settings.broker_dir / "in")
@@ -59,7 +72,7 @@ def configure(settings: Settings) -> Celery:
     else:
         conf["broker_transport_options"] = {
             # Redis: an unacknowledged task comes back after this long if its worker vanished.
-            "visibility_timeout": 600,
+            "visibility_timeout": settings.visibility_timeout_s,
         }
     app.conf.update(conf)
     return app

@@ -12,14 +12,18 @@ import queue
 import threading
 from collections.abc import Sequence
 from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
+
+from core.errors import GenerationTimeout
 
 from model.runtime import Generation, LanguageModel
+from workers.observability import BATCH_SIZE, GENERATION_SECONDS
 
 log = logging.getLogger(__name__)
 
 
 class Batcher:
-    def __init__(self, model: LanguageModel, *, max_batch: int = 16, gather_s: float = 0.02) -> None:
+    def __init__(self, model: LanguageModel, *, max_batch: int = 16, gather_s: float = 0.01) -> None:
         self.model = model
         self.max_batch = max_batch
         self.gather_s = gather_s  # short wait so requests arriving together share the first pass
@@ -27,10 +31,18 @@ class Batcher:
         self._thread = threading.Thread(target=self._loop, name="batcher", daemon=True)
         self._thread.start()
 
-    def generate(self, messages: Sequence[dict[str, str]], *, max_new_tokens: int | None = None) -> Generation:
+    def generate(
+        self, messages: Sequence[dict[str, str]], *, max_new_tokens: int | None = None, timeout_s: float | None = None
+    ) -> Generation:
+        """Queue one prompt and wait for its generation. Past ``timeout_s`` the caller gets GenerationTimeout
+        (the thread pool has no Celery time limits, so this is the task's own hard stop)."""
         future: Future[Generation] = Future()
         self._requests.put((list(messages), max_new_tokens, future))
-        return future.result()
+        try:
+            return future.result(timeout=timeout_s)
+        except FutureTimeout as err:
+            future.cancel()
+            raise GenerationTimeout(f"no answer within {timeout_s:g} s") from err
 
     def _loop(self) -> None:
         while True:
@@ -40,6 +52,9 @@ class Batcher:
                     batch.append(self._requests.get(timeout=self.gather_s))
             except queue.Empty:
                 pass
+            batch = [b for b in batch if b[2].set_running_or_notify_cancel()]
+            if not batch:
+                continue
             max_new = max((b[1] or self.model.settings.max_new_tokens) for b in batch)
             try:
                 results = self.model.generate([b[0] for b in batch], max_new_tokens=max_new)
@@ -47,7 +62,7 @@ class Batcher:
                 for _, _, future in batch:
                     future.set_exception(err)
                 continue
-            if len(batch) > 1:
-                log.debug("generated a batch of %d", len(batch))
+            BATCH_SIZE.observe(len(batch))
+            GENERATION_SECONDS.observe(results[0].seconds if results else 0.0)
             for (_, _, future), result in zip(batch, results):
                 future.set_result(result)

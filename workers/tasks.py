@@ -19,6 +19,7 @@ from core.conversations import store_reply
 from core.db import Database
 from core.schema import Message, MessageRole, MessageStatus, WorkerHeartbeat
 from workers.app import ANSWER_QUEUE, app, settings
+from workers.observability import ANSWER_LATENCY, ANSWERS, FAILURES, message_context, start_metrics
 
 log = logging.getLogger(__name__)
 
@@ -61,28 +62,40 @@ def _fail(message_id: int, reason: str, user_text: str) -> None:
             )
 
 
-@app.task(name="supportbot.answer", bind=True, max_retries=2, soft_time_limit=300, time_limit=360)
+@app.task(name="supportbot.answer", bind=True, max_retries=2)
 def answer(self, message_id: int) -> int | None:  # type: ignore[no-untyped-def]
+    with message_context(message_id=message_id):
+        return _answer(self, message_id)
+
+
+def _answer(task, message_id: int) -> int | None:  # type: ignore[no-untyped-def]
     _stats["in_flight"] += 1
     try:
         reply = answerer().answer(message_id)
-        _stats["answered"] += 1
+        if reply is not None:
+            _stats["answered"] += 1
+            ANSWERS.labels(status="failed" if reply.error else "answered").inc()
+            if reply.latency_ms is not None:
+                ANSWER_LATENCY.observe(reply.latency_ms / 1000.0)
         return reply.id if reply is not None else None
     except SoftTimeLimitExceeded:
         ref = uuid.uuid4().hex[:8]
         log.error("message %s hit the soft time limit (ref %s)", message_id, ref)
         _fail(message_id, f"soft time limit (ref {ref})", texts.TIMED_OUT.format(ref=ref))
         _stats["failed"] += 1
+        FAILURES.labels(kind="time_limit").inc()
         return None
     except Exception as err:
         # A poison message must not loop or kill the worker: retry a little, then end failed and tell the user.
         ref = uuid.uuid4().hex[:8]
-        if self.request.retries < self.max_retries:
+        if task.request.retries < task.max_retries:
             log.warning("message %s failed (%s), retrying (ref %s)", message_id, err, ref)
-            raise self.retry(exc=err, countdown=1 + self.request.retries) from err
+            FAILURES.labels(kind="retried").inc()
+            raise task.retry(exc=err, countdown=1 + task.request.retries) from err
         log.exception("message %s failed for good (ref %s)", message_id, ref)
         _fail(message_id, f"{type(err).__name__}: {err} (ref {ref})", texts.FAILED.format(ref=ref))
         _stats["failed"] += 1
+        FAILURES.labels(kind="poison").inc()
         return None
     finally:
         _stats["in_flight"] -= 1
@@ -145,6 +158,7 @@ def _on_ready(sender=None, **_kwargs) -> None:  # type: ignore[no-untyped-def]
     queues = ",".join(sorted(q.name for q in sender.app.amqp.queues.consume_from.values())) if sender else ""
     name = sender.hostname if sender else f"worker@{socket.gethostname()}"
     started = time.monotonic()
+    start_metrics(settings())
     if ANSWER_QUEUE in queues.split(","):
         threading.Thread(target=_heartbeat_loop, args=(name, queues, _stop), daemon=True).start()
         answerer()  # load before the first task so the first answer is not a cold start

@@ -1,0 +1,147 @@
+"""Answer latency benchmark, each number a ratio against a baseline measured in the same run.
+
+  python -m bench.answer_latency [--runs 5] [--max-new-tokens 64] [--json]
+
+1. end-to-end `ask` latency (console adapter -> intake -> SQL -> broker -> worker process -> SQL -> reply)
+   over a pure `model.generate` of the same prompt in this process (goal <= 1.15);
+2. decode tokens/s as a share of the weight-bandwidth bound (memory read bandwidth measured here, divided
+   by the bytes of weights each decode step reads) (goal >= 60%);
+3. worker cold start with the model cached: process start to "ready" heartbeat (goal <= 10 s).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+QUESTION = "Our printer keeps jamming on every page and shows error E-502. What should I do?"
+FIXTURE = Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "spine_tickets.jsonl"
+
+
+def read_bandwidth_gbs(size_mb: int = 1024, repeats: int = 5) -> float:
+    """Sustained memory read bandwidth with torch's own threads (what decode is bound by)."""
+    import torch
+
+    data = torch.ones(size_mb * 1024 * 1024 // 4, dtype=torch.float32)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        data.sum()
+        best = min(best, time.perf_counter() - start)
+    return data.numel() * 4 / best / 1e9
+
+
+def weight_bytes(model) -> int:  # type: ignore[no-untyped-def]
+    seen: set[int] = set()
+    total = 0
+    for p in model.parameters():
+        if p.data_ptr() in seen:  # tied embeddings are read once per step
+            continue
+        seen.add(p.data_ptr())
+        total += p.numel() * p.element_size()
+    return total
+
+
+def decode_rate(lm, messages, tokens: int) -> float:  # type: ignore[no-untyped-def]
+    """Decode tokens/s with prefill subtracted: time(n tokens) - time(1 token), over n - 1."""
+    import torch
+
+    ids = torch.tensor([lm.render(messages)])
+    kwargs = dict(do_sample=False, temperature=None, top_p=None, top_k=None, pad_token_id=lm.tokenizer.pad_token_id)
+    with torch.inference_mode():
+        lm.model.generate(ids, max_new_tokens=2, **kwargs)  # warm-up
+        t0 = time.perf_counter()
+        lm.model.generate(ids, max_new_tokens=1, min_new_tokens=1, **kwargs)
+        one = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        lm.model.generate(ids, max_new_tokens=tokens, min_new_tokens=tokens, **kwargs)
+        many = time.perf_counter() - t0
+    return (tokens - 1) / (many - one)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+
+    from bot.cli import make_intake
+    from bot.console import Console
+    from core.db import Database, upgrade
+    from core.settings import load_settings
+    from model.prompt import build_messages
+    from model.runtime import LanguageModel
+    from retrieval.ingest import ingest_file
+    from retrieval.search import TicketIndex
+    from tests.conftest import WorkerProcess
+
+    tmp = Path(tempfile.mkdtemp(prefix="bench-latency-"))
+    settings = load_settings(data_dir=tmp / "data", max_new_tokens=args.max_new_tokens)
+    upgrade(settings.db_url)
+    db = Database.from_settings(settings)
+    ingest_file(settings=settings, db=db, path=FIXTURE)
+
+    # 3. cold start (model already converted and cached)
+    LanguageModel(settings)  # makes sure the conversion cache exists; not timed
+    started = time.perf_counter()
+    worker = WorkerProcess(settings, name="bench", concurrency=1)
+    worker.wait_ready(db)
+    cold_start_s = time.perf_counter() - started
+
+    try:
+        console = Console(settings=settings, db=db, intake=make_intake(settings, db))
+        console.ask(QUESTION)  # warm-up
+        e2e = []
+        for _ in range(args.runs):
+            t0 = time.perf_counter()
+            reply = console.ask(QUESTION)
+            e2e.append(time.perf_counter() - t0)
+    finally:
+        worker.stop()
+
+    # 1. the same prompt, generated directly (the baseline)
+    lm = LanguageModel(settings)
+    index = TicketIndex.open(settings=settings, db=db)
+    hits = index.search(QUESTION, k=settings.retrieval_k).hits
+    messages = build_messages(question=QUESTION, tickets=hits)
+    lm.generate([messages])  # warm-up
+    pure = []
+    for _ in range(args.runs):
+        t0 = time.perf_counter()
+        generation = lm.generate([messages])[0]
+        pure.append(time.perf_counter() - t0)
+
+    # 2. decode rate against the bandwidth bound
+    bandwidth = read_bandwidth_gbs()
+    wbytes = weight_bytes(lm.model)
+    bound = bandwidth * 1e9 / wbytes
+    rate = decode_rate(lm, messages, 64)
+
+    result = {
+        "e2e_ask_s_p50": round(statistics.median(e2e), 3),
+        "generate_s_p50": round(statistics.median(pure), 3),
+        "e2e_over_generate": round(statistics.median(e2e) / statistics.median(pure), 3),
+        "new_tokens": generation.new_tokens,
+        "reply_sources": reply.sources,
+        "decode_tokens_per_s": round(rate, 1),
+        "read_bandwidth_gbs": round(bandwidth, 2),
+        "weight_mb": round(wbytes / 1e6, 1),
+        "bandwidth_bound_tokens_per_s": round(bound, 1),
+        "decode_share_of_bound": round(rate / bound, 3),
+        "worker_cold_start_s": round(cold_start_s, 2),
+        "runs": args.runs,
+    }
+    print(json.dumps(result, indent=None if args.json else 2))
+
+
+if __name__ == "__main__":
+    main()
