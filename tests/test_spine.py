@@ -141,3 +141,25 @@ def test_ask_starts_a_session_worker_on_the_embedded_broker(tmp_path):
     done = _ask(settings, PRINTER, "--json")
     assert done.returncode == 0, done.stderr.decode()[-2000:]
     assert json.loads(done.stdout)["sources"][0] == "T-100"
+
+
+def test_console_chat_answers_rates_and_escalates(stack):
+    import io
+
+    from bot.chat import run_chat
+    from bot.cli import make_intake
+    from bot.console import Console
+    from core.schema import Escalation, Rating
+
+    settings, db = stack
+    console = Console(settings=settings, db=db, intake=make_intake(settings, db))
+    stdin = io.StringIO(f"{PRINTER}\n/good\nit still jams after that\n/bad did not help\n/escalate\n/quit\n")
+    stdout = io.StringIO()
+    assert run_chat(console, settings=settings, stdin=stdin, stdout=stdout) == 0
+    out = stdout.getvalue()
+    assert "Sources: T-100" in out and "Thanks, noted." in out and "Escalated (#" in out
+    with db.session() as session:
+        values = sorted(r.value for r in session.query(Rating).all())
+        assert values == [-1, 1]
+        escalation = session.query(Escalation).one()
+        assert "E-502" in escalation.summary
