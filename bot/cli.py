@@ -35,6 +35,11 @@ def setup_logging(settings: Settings, *, verbose: bool = False) -> None:
     root.handlers[:] = [handler]
     root.setLevel(logging.DEBUG if verbose else logging.WARNING)
     logging.getLogger("supportbot").setLevel(logging.INFO)
+    # Library chatter a user cannot act on (optional CPU kernels, progress bars, default hostnames).
+    for noisy in ("bitsandbytes", "kombu", "presidio-analyzer", "transformers", "sentence_transformers"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # transformers follows it for "Loading weights"
     try:
         from bot.privacy.logs import install_log_redaction
 

@@ -157,7 +157,7 @@ def test_console_chat_answers_rates_and_escalates(stack):
     stdout = io.StringIO()
     assert run_chat(console, settings=settings, stdin=stdin, stdout=stdout) == 0
     out = stdout.getvalue()
-    assert "Sources: T-100" in out and "Thanks, noted." in out and "Escalated (#" in out
+    assert "Sources: [T-100]" in out and "Thanks, noted." in out and "Escalated (#" in out
     with db.session() as session:
         values = sorted(r.value for r in session.query(Rating).all())
         assert values == [-1, 1]

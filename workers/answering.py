@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import threading
 import time
 import uuid
@@ -19,11 +20,28 @@ from model.prompt import Turn, build_messages, estimate_hours
 log = logging.getLogger(__name__)
 
 
-def compose(answer: str, hits: list[TicketHit], hours: float | None) -> str:
-    """The model's text plus the sources and the fix-time estimate, which never depend on the model."""
-    lines = [answer.strip()]
+def _words(text: str) -> set[str]:
+    return {w for w in re.findall(r"[a-z0-9]+", text.lower()) if len(w) > 2}
+
+
+def is_echo(answer: str, question: str) -> bool:
+    """Small models sometimes repeat the question instead of answering; such text helps nobody."""
+    said, asked = _words(answer), _words(question)
+    return not said or (len(said - asked) <= 2 and len(said) <= len(asked) + 2)
+
+
+def compose(answer: str, hits: list[TicketHit], hours: float | None, *, question: str = "") -> str:
+    """The model's text plus the sources and the fix-time estimate, which never depend on the model.
+
+    When the model produced nothing useful, the best ticket's own fix is the answer: grounded, and
+    better than an echo."""
+    text = answer.strip()
+    if hits and (not text or is_echo(text, question)):
+        best = hits[0]
+        text = texts.FROM_TICKET.format(id=best.id, title=best.title or best.id, fix=best.work_performed or best.condition)
+    lines = [text]
     if hits:
-        lines.append(texts.SOURCES.format(ids=", ".join(h.id for h in hits)))
+        lines.append(texts.SOURCES.format(ids="; ".join(f"[{h.id}] {h.title}".strip() for h in hits)))
     if hours is not None:
         lines.append(texts.FIX_TIME.format(hours=hours))
     return "\n\n".join(line for line in lines if line)
@@ -142,4 +160,4 @@ class Answerer:
         messages = build_messages(question=query, tickets=hits, history=turns)
         generation = self.batcher.generate(messages, timeout_s=self.settings.answer_soft_limit_s)
         hours = estimate_hours(hits)
-        return compose(generation.text, hits, hours), hits, hours
+        return compose(generation.text, hits, hours, question=query), hits, hours
