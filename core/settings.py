@@ -64,6 +64,13 @@ class Settings(BaseSettings):
 
     # Privacy
     privacy_key: SecretStr | None = Field(None, description="Key to encrypt pseudonym maps at rest")
+    # Lists are JSON in the environment, e.g. SUPPORTBOT_PRIVACY_KNOWN_NAMES='["Priya Raman"]'.
+    # None keeps bot/privacy's defaults; a list replaces them.
+    privacy_known_names: list[str] = Field(default_factory=list, description="Member names always masked")
+    privacy_allow_terms: list[str] = Field(default_factory=list, description="Extra words never masked")
+    privacy_allow_patterns: list[str] | None = Field(None, description="Regexes never masked (part numbers)")
+    privacy_badge_patterns: list[str] | None = Field(None, description="Regexes for badge ids")
+    privacy_hostname_patterns: list[str] | None = Field(None, description="Regexes for internal hostnames")
 
     # Platforms (later adapters)
     slack_bot_token: SecretStr | None = None
