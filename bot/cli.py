@@ -62,6 +62,7 @@ def make_intake(settings: Settings, db):  # type: ignore[no-untyped-def]
         db=db,
         anonymize=lambda text, scope: anonymizer.anonymize(text, scope=scope).text,
         enqueue=enqueue_answer,
+        known_names=anonymizer.add_known_names,
     )
 
 
@@ -170,6 +171,25 @@ def cmd_ask(args: argparse.Namespace, settings: Settings) -> int:
     return 0 if reply.status != "failed" else 1
 
 
+def cmd_slack(args: argparse.Namespace, settings: Settings) -> int:
+    from bot.slack import build_app, member_names
+
+    db = _database(settings)
+    intake = make_intake(settings, db)
+    app = build_app(settings=settings, intake=intake)
+    intake.known_names(member_names(app.client))
+    app.start(port=args.port)
+    return 0
+
+
+def cmd_telegram(args: argparse.Namespace, settings: Settings) -> int:
+    from bot.telegram import build_application
+
+    db = _database(settings)
+    build_application(settings=settings, intake=make_intake(settings, db)).run_polling()
+    return 0
+
+
 def cmd_chat(args: argparse.Namespace, settings: Settings) -> int:
     from bot.chat import run_chat
 
@@ -211,6 +231,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("text", help='the question ("-" reads it from stdin)')
     p.add_argument("--json", action="store_true", help="print answer, sources, latency and ids as JSON")
     p.add_argument("--thread", default=None, help="continue an earlier console conversation")
+
+    p = add(groups, "root", "slack", cmd_slack, "serve the Slack adapter (Events API over HTTP)")
+    p.add_argument("--port", type=int, default=3000)
+    add(groups, "root", "telegram", cmd_telegram, "serve the Telegram adapter (long polling)")
 
     p = add(groups, "root", "chat", cmd_chat, "interactive console chat")
     p.add_argument("--thread", default=None)

@@ -73,11 +73,14 @@ class Intake:
         db: Database,
         anonymize: Callable[[str, str], str],
         enqueue: Callable[[int], None],
+        known_names: Callable[[list[str]], None] | None = None,
     ) -> None:
         self.settings = settings
         self.db = db
         self.anonymize = anonymize  # (text, scope) -> anonymized text; raises PrivacyError
         self.enqueue = enqueue
+        # Adapters feed the platform's member directory here: those names are always masked.
+        self.known_names = known_names or (lambda names: None)
 
     def receive(self, inbound: Inbound) -> Receipt:
         key = f"{inbound.platform}:{inbound.event_id}" if inbound.event_id else None
@@ -123,7 +126,7 @@ class Intake:
                 idempotency_key=key,
                 status=MessageStatus.held if held_reason else MessageStatus.received,
                 error=held_reason or problem,
-                meta={"chars": len(inbound.text), "truncated": truncated},
+                meta={"chars": len(inbound.text), "truncated": truncated, "ref": inbound.message_ref},
             )
             session.add(message)
             session.flush()

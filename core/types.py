@@ -66,3 +66,4 @@ class Inbound:
     user_external_id: str
     text: str
     event_id: str | None = None  # the platform's event/update id, used as the idempotency key
+    message_ref: str | None = None  # the platform's id of this message (Telegram replies quote it)

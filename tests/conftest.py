@@ -127,14 +127,15 @@ class WorkerProcess:
     """A real `supportbot worker` process on the test's settings."""
 
     def __init__(self, settings: Settings, *, name: str = "test", concurrency: int = 4, queues: str = "answer,light",
-                 extra: list[str] | None = None) -> None:
+                 extra: list[str] | None = None, env: dict[str, str] | None = None) -> None:
         self.settings = settings
         self.log = settings.data_dir / f"worker-{name}.log"
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "bot.cli", "worker", "--name", name, "--concurrency", str(concurrency),
              "--queues", queues, *(extra or [])],
-            stdout=open(self.log, "ab"), stderr=subprocess.STDOUT, env=settings_env(settings), cwd=ROOT,
+            stdout=open(self.log, "ab"), stderr=subprocess.STDOUT, env={**settings_env(settings), **(env or {})},
+            cwd=ROOT,
         )
 
     def wait_ready(self, db: Database, timeout: float = 180.0) -> None:

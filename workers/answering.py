@@ -134,7 +134,7 @@ class Answerer:
         with self.db.session() as session:
             question = session.get(Message, message_id)
             assert question is not None
-            stored, _ = store_reply(
+            stored, created = store_reply(
                 session=session,
                 question=question,
                 text=reply,
@@ -145,7 +145,43 @@ class Answerer:
                 status=status,
                 error=error,
             )
+        if created:
+            self.deliver(stored.id)
         return stored
+
+    def deliver(self, reply_id: int) -> bool:
+        """Post a stored reply to its platform, once: only the worker that stored it delivers it."""
+        from bot.outbound import DeliveryError, outbound_for
+
+        with self.db.session() as session:
+            reply = session.get(Message, reply_id)
+            if reply is None or reply.status == MessageStatus.sent:
+                return False
+            conversation = reply.conversation
+            outbound = outbound_for(conversation.platform, self.settings)
+            if outbound is None:
+                return False  # the console reads replies from SQL
+            question = session.get(Message, reply.reply_to_id) if reply.reply_to_id else None
+            target = dict(
+                channel=conversation.channel,
+                thread=conversation.thread,
+                text=reply.text,
+                reply_to=(question.meta or {}).get("ref") if question else None,
+            )
+        try:
+            outbound.send(**target)
+        except DeliveryError as err:
+            log.error("reply %s not delivered: %s", reply_id, err)
+            with self.db.session() as session:
+                row = session.get(Message, reply_id)
+                if row is not None:
+                    row.meta = {**(row.meta or {}), "delivery_error": str(err)}
+            return False
+        with self.db.session() as session:
+            row = session.get(Message, reply_id)
+            if row is not None:
+                row.status = MessageStatus.sent
+        return True
 
     def _write(self, query: str, turns: list[Turn], result: SearchResult) -> tuple[str, list[TicketHit], float | None]:
         if not result.hits or result.confidence < self.settings.min_confidence:
