@@ -118,7 +118,7 @@ class Settings(BaseSettings):
         for path in (self.data_dir, self.index_dir, self.adapters_dir):
             path.mkdir(parents=True, exist_ok=True)
         if self.embedded_broker:
-            for sub in ("in", "processed"):
+            for sub in ("in", "processed", "control"):
                 (self.broker_dir / sub).mkdir(parents=True, exist_ok=True)
 
 

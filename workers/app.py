@@ -66,6 +66,8 @@ def configure(settings: Settings) -> Celery:
             "data_folder_in": folder,
             "data_folder_out": folder,
             "processed_folder": str(settings.broker_dir / "processed"),
+            # Broadcast (pidbox) files; kombu's default is ./control in the working directory.
+            "control_folder": str(settings.broker_dir / "control"),
             "store_processed": False,
             "polling_interval": 0.05,
         }
