@@ -36,6 +36,7 @@ lint: install
 
 bench: install
 	$(PY) -m bench.answer_latency
+	$(PY) -m bench.retrieval --sizes 10000,100000
 
 clean:
 	rm -rf .data

@@ -1,0 +1,243 @@
+"""``supportbot tickets ...``, ``supportbot retrieval tune`` and ``supportbot eval retrieval``.
+
+Handlers are ``func(args, settings) -> int``; heavy imports (torch, faiss) stay inside them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from core.commands import Groups, add
+from core.errors import SupportbotError
+from core.settings import Settings
+
+SEED_FILE = Path(__file__).resolve().parent / "data" / "seed_tickets.jsonl"
+
+
+def register(groups: Groups) -> None:
+    tickets = groups["root"].add_parser("tickets", help="Resolved tickets: ingest, update, delete, reindex")
+    sub = tickets.add_subparsers(dest="tickets_command", required=True)
+    groups = {**groups, "tickets": sub}
+
+    p = add(groups, "tickets", "ingest", _ingest, "Load tickets from a JSONL or CSV file (idempotent by id)")
+    p.add_argument("file", type=Path)
+    p.add_argument("--map", action="append", default=[], metavar="SOURCE=FIELD",
+                   help="read column SOURCE as our FIELD (id, title, machine, condition, work_performed, hours)")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+
+    p = add(groups, "tickets", "delete", _delete, "Delete tickets by id (SQL and index)")
+    p.add_argument("ids", nargs="+")
+
+    p = add(groups, "tickets", "reindex", _reindex, "Rebuild the search index from SQL")
+
+    p = add(groups, "tickets", "seed", _seed, "Load the bundled example tickets when the store is empty")
+
+    p = add(groups, "tickets", "list", _list, "Show stored tickets")
+    p.add_argument("--limit", type=int, default=20)
+
+    p = add(groups, "tickets", "search", _search, "Search the tickets like the bot does")
+    p.add_argument("query")
+    p.add_argument("-k", type=int, default=None)
+
+    retrieval = groups["root"].add_parser("retrieval", help="Retrieval model maintenance")
+    rsub = retrieval.add_subparsers(dest="retrieval_command", required=True)
+    groups = {**groups, "retrieval": rsub}
+    p = add(groups, "retrieval", "tune", _tune,
+            "Fine-tune the embedding model on the stored tickets; keep it only if it scores better")
+    p.add_argument("--method", choices=["adapter", "full"], default="adapter",
+                   help="adapter: linear map on frozen MiniLM (seconds on CPU); full: all weights (GPU-sized)")
+    p.add_argument("--epochs", type=int, default=None, help="full method: passes over the pairs")
+    p.add_argument("--batch-size", type=int, default=None, help="full method: pairs per step")
+    p.add_argument("--learning-rate", type=float, default=None, help="full method: learning rate")
+    p.add_argument("--min-gain", type=float, default=None, help="MRR gain needed to keep the tuned model")
+    p.add_argument("--no-reindex", action="store_true", help="do not rebuild the index after keeping a model")
+
+    p = add(groups, "eval", "retrieval", _eval, "Recall@k and MRR of ticket search on a labelled query set")
+    p.add_argument("--tickets", type=Path, required=True, help="ticket file (JSONL/CSV) loaded into a temporary store")
+    p.add_argument("--queries", type=Path, required=True, help='JSONL lines {"query": ..., "relevant": [ids]}')
+    p.add_argument("--k", type=int, default=10)
+    p.add_argument("--map", action="append", default=[], metavar="SOURCE=FIELD")
+    p.add_argument("--json", action="store_true")
+
+    p = add(groups, "eval", "retrieval-cv", _eval_cv,
+            "Cross-validated tuning on question -> answer pairs (tune on k-1 folds, test on the other)")
+    p.add_argument("--pairs", type=Path, required=True)
+    p.add_argument("--question-field", default="question")
+    p.add_argument("--answer-field", default="solution")
+    p.add_argument("--folds", type=int, default=5)
+    p.add_argument("--max-folds", type=int, default=None, help="stop after this many folds (quicker estimate)")
+    p.add_argument("--method", choices=["adapter", "full"], default="adapter")
+    p.add_argument("--k", type=int, default=10)
+    p.add_argument("--json", action="store_true")
+
+
+def _open(settings: Settings):  # type: ignore[no-untyped-def]
+    from core.db import Database
+
+    return Database.from_settings(settings)
+
+
+def _fail(err: SupportbotError) -> int:
+    print(f"error: {err}", file=sys.stderr)
+    return 2
+
+
+def _ingest(args: argparse.Namespace, settings: Settings) -> int:
+    from retrieval.ingest import ingest_file, parse_mapping
+
+    try:
+        report = ingest_file(settings=settings, db=_open(settings), path=args.file,
+                             mapping=parse_mapping(args.map), progress=sys.stderr.isatty())
+    except SupportbotError as err:
+        return _fail(err)
+    for problem in report.skipped[:50]:
+        print(f"{args.file}:{problem.line}: skipped: {problem.reason}", file=sys.stderr)
+    if len(report.skipped) > 50:
+        print(f"... and {len(report.skipped) - 50} more skipped rows", file=sys.stderr)
+    summary = report.summary()
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        print(
+            f"{summary['added']} added, {summary['updated']} updated, {summary['unchanged']} unchanged, "
+            f"{summary['skipped']} skipped; index {'up to date' if report.indexed else 'STALE: ' + str(report.index_error)}"
+        )
+    return 0 if report.indexed else 1
+
+
+def _delete(args: argparse.Namespace, settings: Settings) -> int:
+    from retrieval.search import TicketIndex
+
+    try:
+        index = TicketIndex.open(settings=settings, db=_open(settings))
+        deleted = index.delete(ids=args.ids)
+    except SupportbotError as err:
+        return _fail(err)
+    missing = sorted(set(args.ids) - set(deleted))
+    print(f"deleted {len(deleted)}" + (f"; not found: {', '.join(missing)}" if missing else ""))
+    return 0
+
+
+def _reindex(args: argparse.Namespace, settings: Settings) -> int:
+    from retrieval.search import TicketIndex
+
+    try:
+        index = TicketIndex.open(settings=settings, db=_open(settings))
+        result = index.rebuild(progress=sys.stderr.isatty())
+    except SupportbotError as err:
+        return _fail(err)
+    print(json.dumps({**result, **index.status()}))
+    return 0
+
+
+def _seed(args: argparse.Namespace, settings: Settings) -> int:
+    from retrieval import store
+    from retrieval.ingest import ingest_file
+
+    db = _open(settings)
+    with db.session() as session:
+        count = store.count_tickets(session=session)
+    if count:
+        print(f"the ticket store already holds {count} tickets; nothing seeded")
+        return 0
+    try:
+        report = ingest_file(settings=settings, db=db, path=SEED_FILE)
+    except SupportbotError as err:
+        return _fail(err)
+    print(f"seeded {len(report.added)} example tickets")
+    return 0 if report.indexed else 1
+
+
+def _list(args: argparse.Namespace, settings: Settings) -> int:
+    from sqlalchemy import select
+
+    from core.schema import Ticket
+
+    with _open(settings).session() as session:
+        for row in session.scalars(select(Ticket).order_by(Ticket.id).limit(args.limit)):
+            hours = f"{row.hours:g} h" if row.hours is not None else "-"
+            print(f"{row.id}\t{hours}\t{(row.title or row.condition or row.work_performed)[:80]}")
+    return 0
+
+
+def _search(args: argparse.Namespace, settings: Settings) -> int:
+    from retrieval.search import TicketIndex
+
+    try:
+        result = TicketIndex.open(settings=settings, db=_open(settings)).search(args.query, k=args.k)
+    except SupportbotError as err:
+        return _fail(err)
+    sure = "sure" if result.confidence >= settings.min_confidence else "NOT sure (would offer escalation)"
+    print(f"confidence {result.confidence:.2f}: {sure}")
+    for hit in result.hits:
+        print(f"\n{hit.render(400)}\n(score {hit.score:.2f})")
+    return 0
+
+
+def _tune(args: argparse.Namespace, settings: Settings) -> int:
+    from retrieval.tune import TuneConfig, tune
+
+    overrides: dict[str, Any] = {
+        name: value
+        for name, value in (("epochs", args.epochs), ("batch_size", args.batch_size),
+                            ("learning_rate", args.learning_rate), ("min_gain", args.min_gain))
+        if value is not None
+    }
+    overrides["method"] = args.method
+    db = _open(settings)
+    try:
+        report = tune(settings=settings, db=db, config=TuneConfig(**overrides))
+    except SupportbotError as err:
+        return _fail(err)
+    print(json.dumps(report.to_dict(), indent=2))
+    if report.kept and not args.no_reindex:
+        from retrieval.search import TicketIndex
+
+        try:
+            # The index remembers which model built it; opening with the new one rebuilds it.
+            index = TicketIndex.open(settings=settings, db=db, progress=sys.stderr.isatty())
+        except SupportbotError as err:
+            return _fail(err)
+        print(f"index rebuilt with the tuned model: {index.status()['tickets']} tickets")
+    return 0
+
+
+def _eval(args: argparse.Namespace, settings: Settings) -> int:
+    from retrieval.evaluate import evaluate
+    from retrieval.ingest import parse_mapping
+
+    for path in (args.tickets, args.queries):
+        if not path.exists():
+            print(f"skipped: {path} not found (the dev data lives in ../shared/data)", file=sys.stderr)
+            return 0
+    try:
+        scores = evaluate(settings=settings, tickets=args.tickets, queries=args.queries, k=args.k,
+                          mapping=parse_mapping(args.map))
+    except SupportbotError as err:
+        return _fail(err)
+    core = {key: scores[key] for key in scores if key.startswith(("recall@", "mrr", "n"))}
+    print(json.dumps(scores if args.json else core))
+    return 0
+
+
+def _eval_cv(args: argparse.Namespace, settings: Settings) -> int:
+    from retrieval.evaluate import crossval
+    from retrieval.tune import TuneConfig
+
+    if not args.pairs.exists():
+        print(f"skipped: {args.pairs} not found (the dev data lives in ../shared/data)", file=sys.stderr)
+        return 0
+    config = TuneConfig(method=args.method)
+    try:
+        result = crossval(settings=settings, pairs_path=args.pairs, question_field=args.question_field,
+                          answer_field=args.answer_field, folds=args.folds, k=args.k, tune_config=config,
+                          max_folds=args.max_folds)
+    except SupportbotError as err:
+        return _fail(err)
+    print(json.dumps(result if args.json else {"baseline": result.get("baseline_all"),
+                                                "tuned_cv": result["tuned_mean"]}))
+    return 0

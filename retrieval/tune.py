@@ -1,0 +1,303 @@
+"""Fine-tune the embedding model on the company's own (problem -> resolution) pairs.
+
+Reads top to bottom: config, pairs, held-out split, baseline score, training, tuned score, and the
+decision. The tuned model is kept (and pointed at) only when it beats the model in use on pairs it
+never saw; the index is then rebuilt with it.
+
+Two methods, both with MultipleNegativesRankingLoss (in-batch negatives, symmetric), written out
+here in a few lines so the loops need neither ``datasets`` nor ``accelerate``:
+
+- ``adapter`` (default): MiniLM stays frozen; a 384x384 linear map, started at the identity and
+  pulled back towards it, is learned on top of its embeddings and saved as an extra Dense module,
+  so the tuned model is an ordinary sentence-transformers folder. Texts are embedded once, so
+  training takes seconds on a CPU; on the Dell forum set it lifts cross-validated recall@5 from
+  0.60 to 0.65 (dense only).
+- ``full``: every MiniLM weight is trained. Better with thousands of pairs and a GPU; on two CPU
+  cores it takes about a minute per 16 pairs per epoch.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from core.db import Database
+from core.errors import TrainingError
+from core.settings import EMBEDDED_EMBEDDER, Settings
+from retrieval import store
+from retrieval.embedder import Embedder, active_pointer, embedded_model_dir, models_dir, resolve_model_dir
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TuneConfig:
+    method: str = field(default="adapter", metadata={"help": "adapter (fast, CPU) or full (GPU-sized)"})
+    adapter_epochs: int = field(default=30, metadata={"help": "passes over the pairs for the adapter"})
+    adapter_learning_rate: float = field(default=1e-3, metadata={"help": "Adam learning rate for the adapter"})
+    adapter_batch_size: int = field(default=64, metadata={"help": "pairs per adapter step"})
+    adapter_identity_weight: float = field(
+        default=3e-2, metadata={"help": "pull of the adapter towards the identity (guards against overfitting)"}
+    )
+    epochs: int = field(default=1, metadata={"help": "passes over the training pairs (full method)"})
+    batch_size: int = field(default=16, metadata={"help": "pairs per step; the others in a batch are negatives"})
+    learning_rate: float = field(default=3e-5, metadata={"help": "AdamW peak learning rate"})
+    warmup_fraction: float = field(default=0.1, metadata={"help": "share of steps with a linear warm-up"})
+    scale: float = field(default=20.0, metadata={"help": "cosine similarity scale in the softmax"})
+    holdout: float = field(default=0.2, metadata={"help": "share of pairs kept aside to decide"})
+    min_gain: float = field(default=0.005, metadata={"help": "MRR the tuned model must gain to be kept"})
+    seed: int = field(default=0, metadata={"help": "shuffling and split seed"})
+    min_pairs: int = field(default=20, metadata={"help": "fewer pairs than this: nothing to learn from"})
+
+
+@dataclass(frozen=True)
+class Pair:
+    """A question and the resolution text that answered it. ``group`` ties duplicates together."""
+
+    query: str
+    positive: str
+    group: str
+
+
+def pairs_from_store(*, db: Database) -> list[Pair]:
+    """title/machine/condition -> work performed, for every ticket that has both sides."""
+    pairs = []
+    with db.session() as session:
+        digests = store.ticket_digests(session=session)
+        tickets = store.get_tickets(session=session, ids=sorted(digests))
+    for ticket in tickets.values():
+        problem = store.problem_text(ticket)
+        if problem and ticket.work_performed:
+            pairs.append(Pair(query=problem, positive=ticket.work_performed, group=ticket.id))
+    return pairs
+
+
+def split_pairs(pairs: list[Pair], *, holdout: float, seed: int) -> tuple[list[Pair], list[Pair]]:
+    """Held-out by group so the same resolution is never on both sides."""
+    groups = sorted({p.group for p in pairs})
+    random.Random(seed).shuffle(groups)
+    n_test = max(1, int(round(len(groups) * holdout)))
+    test_groups = set(groups[:n_test])
+    return [p for p in pairs if p.group not in test_groups], [p for p in pairs if p.group in test_groups]
+
+
+def score_model(embedder: Embedder, *, queries: list[Pair], corpus: list[str]) -> dict[str, float]:
+    """Dense retrieval of each query's positive among ``corpus`` (recall@1/5/10, MRR)."""
+    unique = list(dict.fromkeys(corpus))
+    position = {text: i for i, text in enumerate(unique)}
+    docs = embedder.encode(unique)
+    qs = embedder.encode([p.query for p in queries])
+    sims = qs @ docs.T
+    ranks = []
+    for row, pair in zip(sims, queries, strict=True):
+        target = row[position[pair.positive]]
+        ranks.append(int((row > target).sum()) + 1)
+    ranks_arr = np.asarray(ranks)
+    return {
+        "recall@1": float((ranks_arr <= 1).mean()),
+        "recall@5": float((ranks_arr <= 5).mean()),
+        "recall@10": float((ranks_arr <= 10).mean()),
+        "mrr": float((1.0 / ranks_arr).mean()),
+        "n": len(queries),
+    }
+
+
+def fit(base: Path, pairs: list[Pair], *, config: TuneConfig, output: Path, threads: int = 0,
+        cache: dict[str, np.ndarray] | None = None) -> Path:
+    """Train with the configured method; ``cache`` (text -> base embedding) spares repeated encoding."""
+    if config.method == "adapter":
+        return train_adapter(base, pairs, config=config, output=output, threads=threads, cache=cache)
+    if config.method == "full":
+        return train(base, pairs, config=config, output=output, threads=threads)
+    raise TrainingError(f"unknown tuning method {config.method!r}; use adapter or full")
+
+
+def train_adapter(base: Path, pairs: list[Pair], *, config: TuneConfig, output: Path, threads: int = 0,
+                  cache: dict[str, np.ndarray] | None = None) -> Path:
+    """Learn a linear map on top of the frozen model's embeddings; save base + map as one model."""
+    import torch
+    import torch.nn.functional as F
+    from sentence_transformers import SentenceTransformer, models
+
+    cache = {} if cache is None else cache
+    missing = list(dict.fromkeys(t for p in pairs for t in (p.query, p.positive) if t not in cache))
+    if missing:
+        for text, vector in zip(missing, Embedder(base, torch_threads=threads).encode(missing), strict=True):
+            cache[text] = vector
+    queries = torch.tensor(np.stack([cache[p.query] for p in pairs]))
+    positives = torch.tensor(np.stack([cache[p.positive] for p in pairs]))
+    groups = [p.group for p in pairs]
+    dim = queries.shape[1]
+    torch.manual_seed(config.seed)
+    identity = torch.eye(dim)
+    weight = torch.nn.Parameter(identity.clone())
+    optimizer = torch.optim.Adam([weight], lr=config.adapter_learning_rate)
+    for _ in range(config.adapter_epochs):
+        order = torch.randperm(len(pairs))
+        for start in range(0, len(order), config.adapter_batch_size):
+            batch = order[start : start + config.adapter_batch_size]
+            if len(batch) < 2:
+                continue
+            q = F.normalize(queries[batch] @ weight, dim=-1)
+            d = F.normalize(positives[batch] @ weight, dim=-1)
+            loss = _mnrl(q @ d.T * config.scale, [groups[i] for i in batch.tolist()])
+            loss = loss + config.adapter_identity_weight * ((weight - identity) ** 2).sum()
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    base_model = SentenceTransformer(str(base), device="cpu", local_files_only=True)
+    dense = models.Dense(dim, dim, bias=False, activation_function=torch.nn.Identity())
+    with torch.no_grad():
+        dense.linear.weight.copy_(weight.detach().T)  # Dense computes x @ W.T
+    tuned = SentenceTransformer(modules=[*base_model, dense, models.Normalize()], device="cpu")
+    output.mkdir(parents=True, exist_ok=True)
+    tuned.save(str(output))
+    return output
+
+
+def _mnrl(sims, groups: list[str]):  # type: ignore[no-untyped-def]
+    """Symmetric in-batch softmax loss; pairs of one group (same fix) are not each other's negatives."""
+    import torch
+    import torch.nn.functional as F
+
+    same = torch.tensor([[a == b for b in groups] for a in groups])
+    sims = sims.masked_fill(same & ~torch.eye(len(groups), dtype=torch.bool), float("-inf"))
+    labels = torch.arange(len(groups))
+    return (F.cross_entropy(sims, labels) + F.cross_entropy(sims.T, labels)) / 2
+
+
+def train(base: Path, pairs: list[Pair], *, config: TuneConfig, output: Path, threads: int = 0) -> Path:
+    """Fine-tune every weight of ``base`` on ``pairs`` and save it to ``output``."""
+    import torch
+    import torch.nn.functional as F
+    from sentence_transformers import SentenceTransformer
+
+    from retrieval.embedder import MAX_SEQ_LENGTH
+
+    if threads > 0:
+        torch.set_num_threads(threads)
+    torch.manual_seed(config.seed)
+    model = SentenceTransformer(str(base), device="cpu", local_files_only=True)
+    model.max_seq_length = MAX_SEQ_LENGTH
+    model.train()
+    order = list(range(len(pairs)))
+    steps_per_epoch = max(1, (len(pairs) + config.batch_size - 1) // config.batch_size)
+    total = steps_per_epoch * config.epochs
+    warmup = max(1, int(total * config.warmup_fraction))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: min((step + 1) / warmup, max(0.0, (total - step) / max(1, total - warmup)))
+    )
+    rng = random.Random(config.seed)
+    step = 0
+    started = time.monotonic()
+    for epoch in range(config.epochs):
+        rng.shuffle(order)
+        for start in range(0, len(order), config.batch_size):
+            batch = [pairs[i] for i in order[start : start + config.batch_size]]
+            if len(batch) < 2:
+                continue
+            queries = model(_features(model, [p.query for p in batch]))["sentence_embedding"]
+            positives = model(_features(model, [p.positive for p in batch]))["sentence_embedding"]
+            sims = F.normalize(queries, dim=-1) @ F.normalize(positives, dim=-1).T * config.scale
+            loss = _mnrl(sims, [p.group for p in batch])
+            optimizer.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            scheduler.step()
+            step += 1
+        log.info("tune epoch %d/%d done (%d steps, %.0fs)", epoch + 1, config.epochs, step, time.monotonic() - started)
+    model.eval()
+    output.mkdir(parents=True, exist_ok=True)
+    model.save(str(output))
+    return output
+
+
+def _features(model, texts: list[str]):  # type: ignore[no-untyped-def]
+    # sentence-transformers 5 renamed tokenize() to preprocess(); accept both.
+    prepare = getattr(model, "preprocess", None) or model.tokenize
+    return prepare(texts)
+
+
+@dataclass
+class TuneReport:
+    kept: bool
+    pairs: int
+    train_pairs: int
+    heldout_pairs: int
+    before: dict[str, float]
+    after: dict[str, float]
+    model_dir: str | None
+    seconds: float
+    config: dict[str, object]
+
+    def to_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+
+def tune(*, settings: Settings, db: Database, config: TuneConfig | None = None,
+         pairs: list[Pair] | None = None, activate: bool = True) -> TuneReport:
+    """Tune on the ticket store's pairs; keep and activate the result only if it scores better."""
+    config = config or TuneConfig()
+    started = time.monotonic()
+    pairs = pairs if pairs is not None else pairs_from_store(db=db)
+    if len({p.group for p in pairs}) < config.min_pairs:
+        raise TrainingError(
+            f"only {len(pairs)} tickets have both a problem and a resolution; at least {config.min_pairs} are needed"
+        )
+    train_pairs, heldout = split_pairs(pairs, holdout=config.holdout, seed=config.seed)
+    corpus = [p.positive for p in pairs]
+    current = resolve_model_dir(settings)
+    before = score_model(Embedder(current, torch_threads=settings.torch_threads), queries=heldout, corpus=corpus)
+    # Always start from the untuned model: tuning a tuned copy again on the same tickets overfits.
+    start = (
+        embedded_model_dir() if settings.embedding_model == EMBEDDED_EMBEDDER else Path(settings.embedding_model)
+    )
+    target = models_dir(settings) / f"embedder-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+    work = target.with_name(target.name + ".tmp")
+    try:
+        fit(start, train_pairs, config=config, output=work, threads=settings.torch_threads)
+        after = score_model(Embedder(work), queries=heldout, corpus=corpus)
+    except TrainingError:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    except Exception as err:
+        shutil.rmtree(work, ignore_errors=True)
+        raise TrainingError(f"tuning the embedding model failed: {err}") from err
+    kept = after["mrr"] >= before["mrr"] + config.min_gain
+    report = TuneReport(
+        kept=kept,
+        pairs=len(pairs),
+        train_pairs=len(train_pairs),
+        heldout_pairs=len(heldout),
+        before=before,
+        after=after,
+        model_dir=str(target) if kept else None,
+        seconds=round(time.monotonic() - started, 1),
+        config=asdict(config),
+    )
+    if not kept:
+        shutil.rmtree(work, ignore_errors=True)
+        return report
+    (work / "tune_report.json").write_text(json.dumps(report.to_dict(), indent=2), encoding="utf-8")
+    os.replace(work, target)
+    if activate:
+        if settings.embedding_model != EMBEDDED_EMBEDDER:
+            log.warning(
+                "EMBEDDING_MODEL is set explicitly (%s); point it at %s to use the tuned model",
+                settings.embedding_model, target,
+            )
+        pointer = active_pointer(settings)
+        tmp = pointer.with_name(pointer.name + f".{os.getpid()}")
+        tmp.write_text(str(target), encoding="utf-8")
+        os.replace(tmp, pointer)
+    return report
