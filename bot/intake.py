@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 
 from sqlalchemy import func, select
+from sqlalchemy.exc import IntegrityError
 
 from core import texts
 from core.conversations import (
@@ -128,8 +129,16 @@ class Intake:
                 error=held_reason or problem,
                 meta={"chars": len(inbound.text), "truncated": truncated, "ref": inbound.message_ref},
             )
-            session.add(message)
-            session.flush()
+            try:
+                # The unique idempotency key settles two deliveries of one event racing each other.
+                with session.begin_nested():
+                    session.add(message)
+            except IntegrityError:
+                seen = find_by_idempotency_key(session=session, key=key) if key else None
+                if seen is None:
+                    raise
+                log.info("duplicate delivery of %s ignored (message %s, concurrent)", key, seen.id)
+                return Receipt(seen.id, seen.conversation_id, duplicate=True)
             immediate = None
             if problem or held_reason:
                 ref = uuid.uuid4().hex[:8]
@@ -147,6 +156,7 @@ class Intake:
                     model_version=RULES_VERSION,
                     status=MessageStatus.answered,
                 )
+                message.error = held_reason or problem  # store_reply cleared it; keep the reason
                 if held_reason:
                     message.status = MessageStatus.held
             receipt = Receipt(message.id, conversation.id, immediate_reply=immediate)

@@ -27,3 +27,4 @@ NO_WORKER = (
     "Start one with `supportbot worker` and try again."
 )
 WAIT_TIMEOUT = "No answer arrived within {seconds:g} s. Your question is saved (message {message_id}) and will be answered."
+CUT_SHORT = "(I was busy and had to cut this answer short; ask again or reply /escalate if it is not enough.)"

@@ -196,4 +196,7 @@ class Answerer:
         messages = build_messages(question=query, tickets=hits, history=turns)
         generation = self.batcher.generate(messages, timeout_s=self.settings.answer_soft_limit_s)
         hours = estimate_hours(hits)
-        return compose(generation.text, hits, hours, question=query), hits, hours
+        text = compose(generation.text, hits, hours, question=query)
+        if generation.timed_out:
+            text = texts.CUT_SHORT + "\n\n" + text  # the user knows why the answer stops mid-way
+        return text, hits, hours

@@ -77,6 +77,9 @@ def configure(settings: Settings) -> Celery:
             "visibility_timeout": settings.visibility_timeout_s,
         }
     app.conf.update(conf)
+    # A process that configures twice (tests switching brokers) must not keep publishing through
+    # the connection pool of the previous broker.
+    app._after_fork()
     return app
 
 

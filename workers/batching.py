@@ -3,6 +3,12 @@
 Worker threads each hold one conversation; instead of taking turns on the model, they drop their
 prompt here and one loop runs them together: a request that arrives while a batch is generating
 waits for the next one, so the model stays busy and every forward pass serves several users.
+
+Decoding one token costs about the same for one row as for sixteen (reading the weights dominates),
+so the more rows share a pass, the more answers per minute. Requests do not arrive together, though:
+after a batch, each worker thread stores its reply, takes its next task and runs retrieval before it
+asks again. The loop therefore waits a little for stragglers, longer when the last batch was large and
+slow (they are surely coming, and a straggler missed now waits a whole batch), not at all for a lone user.
 """
 
 from __future__ import annotations
@@ -10,59 +16,120 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from collections.abc import Sequence
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass
 
 from core.errors import GenerationTimeout
-
 from model.runtime import Generation, LanguageModel
 from workers.observability import BATCH_SIZE, GENERATION_SECONDS
 
 log = logging.getLogger(__name__)
 
 
+@dataclass
+class _Request:
+    messages: list[dict[str, str]]
+    max_new_tokens: int | None
+    future: Future[Generation]
+
+
 class Batcher:
-    def __init__(self, model: LanguageModel, *, max_batch: int = 16, gather_s: float = 0.01) -> None:
+    def __init__(
+        self,
+        model: LanguageModel,
+        *,
+        max_batch: int = 16,
+        gather_s: float = 0.01,
+        max_gather_s: float = 1.0,
+        gather_share: float = 0.1,
+    ) -> None:
         self.model = model
         self.max_batch = max_batch
         self.gather_s = gather_s  # short wait so requests arriving together share the first pass
-        self._requests: queue.Queue[tuple[list[dict[str, str]], int | None, Future[Generation]]] = queue.Queue()
+        self.max_gather_s = max_gather_s  # never wait longer than this for stragglers
+        self.gather_share = gather_share  # ...nor longer than this share of the last batch's time
+        self._requests: queue.Queue[_Request] = queue.Queue()
+        self._last_size = 0
+        self._last_seconds = 0.0
+        self.batches = 0
+        self.rows = 0
         self._thread = threading.Thread(target=self._loop, name="batcher", daemon=True)
         self._thread.start()
 
     def generate(
-        self, messages: Sequence[dict[str, str]], *, max_new_tokens: int | None = None, timeout_s: float | None = None
+        self,
+        messages: Sequence[dict[str, str]],
+        *,
+        max_new_tokens: int | None = None,
+        timeout_s: float | None = None,
     ) -> Generation:
         """Queue one prompt and wait for its generation. Past ``timeout_s`` the caller gets GenerationTimeout
         (the thread pool has no Celery time limits, so this is the task's own hard stop)."""
         future: Future[Generation] = Future()
-        self._requests.put((list(messages), max_new_tokens, future))
+        self._requests.put(_Request(list(messages), max_new_tokens, future))
         try:
             return future.result(timeout=timeout_s)
         except FutureTimeout as err:
-            future.cancel()
+            future.cancel()  # still queued: dropped from the next batch; already running: result ignored
             raise GenerationTimeout(f"no answer within {timeout_s:g} s") from err
+
+    def gather_window(self) -> float:
+        """How long to wait for more requests after the first one of a batch arrived."""
+        if self._last_size <= 1:
+            return self.gather_s
+        return min(self.max_gather_s, max(self.gather_s, self.gather_share * self._last_seconds))
+
+    def _take_batch(self) -> list[_Request]:
+        batch = [self._requests.get()]
+        deadline = time.monotonic() + self.gather_window()
+        while len(batch) < self.max_batch:
+            try:
+                batch.append(self._requests.get_nowait())  # whatever queued up during the last batch
+                continue
+            except queue.Empty:
+                pass
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            try:
+                batch.append(self._requests.get(timeout=left))
+            except queue.Empty:
+                break
+        return [r for r in batch if r.future.set_running_or_notify_cancel()]
 
     def _loop(self) -> None:
         while True:
-            batch = [self._requests.get()]
             try:
-                while len(batch) < self.max_batch:
-                    batch.append(self._requests.get(timeout=self.gather_s))
-            except queue.Empty:
-                pass
-            batch = [b for b in batch if b[2].set_running_or_notify_cancel()]
-            if not batch:
-                continue
-            max_new = max((b[1] or self.model.settings.max_new_tokens) for b in batch)
-            try:
-                results = self.model.generate([b[0] for b in batch], max_new_tokens=max_new)
-            except BaseException as err:  # each waiting request gets the error, the loop goes on
-                for _, _, future in batch:
-                    future.set_exception(err)
-                continue
-            BATCH_SIZE.observe(len(batch))
-            GENERATION_SECONDS.observe(results[0].seconds if results else 0.0)
-            for (_, _, future), result in zip(batch, results):
-                future.set_result(result)
+                batch = self._take_batch()
+                if batch:
+                    self._run(batch)
+            except BaseException:  # the loop is every conversation's only way to the model: it must live
+                log.exception("batcher loop error")
+
+    def _run(self, batch: list[_Request]) -> None:
+        max_new = max((r.max_new_tokens or self.model.settings.max_new_tokens) for r in batch)
+        started = time.monotonic()
+        try:
+            results = self.model.generate([r.messages for r in batch], max_new_tokens=max_new)
+        except BaseException as err:  # each waiting request gets the error, the loop goes on
+            for r in batch:
+                r.future.set_exception(err)
+            return
+        seconds = time.monotonic() - started
+        self._last_size, self._last_seconds = len(batch), seconds
+        self.batches += 1
+        self.rows += len(batch)
+        BATCH_SIZE.observe(len(batch))
+        GENERATION_SECONDS.observe(seconds)
+        log.debug("generated a batch of %d in %.2f s", len(batch), seconds)
+        for r, result in zip(batch, results):
+            if result.timed_out and not result.text:
+                # The generation deadline passed before this row said anything: a clear timeout, not "".
+                r.future.set_exception(
+                    GenerationTimeout(f"no answer within {self.model.settings.generation_timeout_s:g} s")
+                )
+            else:
+                r.future.set_result(result)

@@ -16,7 +16,9 @@ from prometheus_client.registry import REGISTRY, Collector
 from core.settings import Settings
 
 message_id_var: contextvars.ContextVar[int | None] = contextvars.ContextVar("message_id", default=None)
-conversation_id_var: contextvars.ContextVar[int | None] = contextvars.ContextVar("conversation_id", default=None)
+conversation_id_var: contextvars.ContextVar[int | None] = contextvars.ContextVar(
+    "conversation_id", default=None
+)
 
 ANSWERS = Counter("supportbot_answers_total", "Answers stored, by outcome", ["status"])
 FAILURES = Counter("supportbot_failures_total", "Answer tasks that failed, by kind", ["kind"])
@@ -26,9 +28,16 @@ ANSWER_LATENCY = Histogram(
     buckets=(0.25, 0.5, 1, 2, 4, 8, 15, 30, 60, 120, 300),
 )
 GENERATION_SECONDS = Histogram(
-    "supportbot_generation_seconds", "Model generation time per batch", buckets=(0.1, 0.5, 1, 2, 4, 8, 15, 30, 60)
+    "supportbot_generation_seconds",
+    "Model generation time per batch",
+    buckets=(0.1, 0.5, 1, 2, 4, 8, 15, 30, 60),
 )
-BATCH_SIZE = Histogram("supportbot_batch_size", "Conversations per generation batch", buckets=(1, 2, 4, 8, 16, 32))
+BATCH_SIZE = Histogram(
+    "supportbot_batch_size", "Conversations per generation batch", buckets=(1, 2, 4, 8, 16, 32)
+)
+SWEEPER = Counter("supportbot_sweeper_total", "What the sweeper did to unanswered messages", ["action"])
+
+_metrics_started = False
 
 
 @contextmanager
@@ -82,6 +91,10 @@ class QueueDepthCollector(Collector):
 
 
 def start_metrics(settings: Settings) -> None:
-    if settings.metrics_port:
-        REGISTRY.register(QueueDepthCollector(settings))
-        start_http_server(settings.metrics_port, addr="127.0.0.1")
+    """Serve /metrics on ``settings.metrics_port`` (once per process; 0 keeps it off)."""
+    global _metrics_started
+    if not settings.metrics_port or _metrics_started:
+        return
+    REGISTRY.register(QueueDepthCollector(settings))
+    start_http_server(settings.metrics_port, addr="127.0.0.1")
+    _metrics_started = True
