@@ -10,20 +10,11 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-from bot.privacy.config import CODE_LIKE, PrivacyConfig
+from bot.privacy.config import CODE_LIKE, DEFAULT_ENTITIES, PrivacyConfig
 from core.errors import PrivacyError
 
 # Types whose recognizers validate their own matches (checksums, formats); the allow-list never drops them.
-STRUCTURED = {
-    "EMAIL_ADDRESS",
-    "PHONE_NUMBER",
-    "IBAN_CODE",
-    "CREDIT_CARD",
-    "IP_ADDRESS",
-    "US_SSN",
-    "BADGE_ID",
-    "HOSTNAME",
-}
+STRUCTURED = frozenset(DEFAULT_ENTITIES) - {"PERSON"}
 PLACEHOLDER = re.compile(r"<[A-Z][A-Z_]*?(?:_\d+)?>")
 CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f\ud800-\udfff]")
 CODE_TOKEN = re.compile(rf"(?<![\w-]){CODE_LIKE}(?![\w-])")
