@@ -14,7 +14,7 @@ TABLES = {t.name for t in Base.metadata.sorted_tables}
 def _check_round_trip(url: str) -> None:
     upgrade(url)
     engine = create_engine(url)
-    assert TABLES <= set(inspect(engine).get_table_names())
+    assert set(inspect(engine).get_table_names()) >= TABLES
     db = Database(url)
     from core.conversations import get_or_create_conversation, get_or_create_user, store_reply
 
@@ -32,7 +32,7 @@ def _check_round_trip(url: str) -> None:
     downgrade(url, "base")
     assert not (TABLES & set(inspect(engine).get_table_names()))
     upgrade(url)  # and back up again
-    assert TABLES <= set(inspect(engine).get_table_names())
+    assert set(inspect(engine).get_table_names()) >= TABLES
     engine.dispose()
 
 
