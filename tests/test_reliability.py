@@ -73,26 +73,10 @@ class ChaosWorker(WorkerProcess):
     """A worker process started with chaos_env (and optionally the beat: the sweeper's clock)."""
 
     def __init__(self, settings: Settings, *, name: str, concurrency: int = 4, beat: bool = False) -> None:
-        self.settings = settings
-        self.name = name
-        self.log = settings.data_dir / f"worker-{name}.log"
-        settings.data_dir.mkdir(parents=True, exist_ok=True)
-        argv = [
-            sys.executable,
-            "-m",
-            "bot.cli",
-            "worker",
-            "--name",
-            name,
-            "--concurrency",
-            str(concurrency),
-            "--queues",
-            "answer,light",
-            *(["--beat"] if beat else []),
-        ]
-        self.proc = subprocess.Popen(
-            argv, stdout=open(self.log, "ab"), stderr=subprocess.STDOUT, env=chaos_env(settings), cwd=ROOT
+        super().__init__(
+            settings, name=name, concurrency=concurrency, extra=["--beat"] if beat else [], env=chaos_env(settings)
         )
+        self.name = name
 
     def wait_ready(self, db: Database, timeout: float = 300.0) -> None:
         """Ready means *this* worker's heartbeat says its model is loaded (another may still look alive)."""
