@@ -24,7 +24,7 @@ from core import texts
 from core.conversations import answer_for
 from core.db import Database
 from core.errors import BrokerUnavailable, SupportbotError
-from core.schema import Message, WorkerHeartbeat
+from core.schema import Message, WorkerHeartbeat, as_utc
 from core.settings import Settings
 from core.types import Inbound
 
@@ -62,7 +62,7 @@ def live_workers(db: Database, *, ready_only: bool = True) -> list[WorkerHeartbe
         rows = session.scalars(select(WorkerHeartbeat)).all()
     out = []
     for row in rows:
-        seen = row.seen_at if row.seen_at.tzinfo else row.seen_at.replace(tzinfo=timezone.utc)
+        seen = as_utc(row.seen_at)
         if seen >= fresh and "answer" in row.queues.split(",") and (row.state.get("ready") or not ready_only):
             out.append(row)
     return out

@@ -8,7 +8,7 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from core.schema import Conversation, Message, MessageRole, MessageStatus, Role, User
+from core.schema import Conversation, Message, MessageRole, MessageStatus, Role, User, as_utc
 
 
 def get_or_create_user(*, session: Session, platform: str, external_id: str, role: Role = Role.employee) -> User:
@@ -86,7 +86,7 @@ def store_reply(
     if existing is not None:
         return existing, False
     now = datetime.now(timezone.utc)
-    created = question.created_at if question.created_at.tzinfo else question.created_at.replace(tzinfo=timezone.utc)
+    created = as_utc(question.created_at)
     reply = Message(
         conversation_id=question.conversation_id,
         role=MessageRole.assistant,

@@ -53,9 +53,17 @@ def settings(tmp_path: Path) -> Settings:
 
 
 @pytest.fixture
-def db(settings: Settings) -> Database:
+def db(settings: Settings) -> Iterator[Database]:
     upgrade(settings.db_url)
-    return Database.from_settings(settings)
+    database = Database.from_settings(settings)
+    yield database
+    database.engine.dispose()
+
+
+@pytest.fixture
+def env(settings: Settings, db: Database) -> tuple[Settings, Database]:
+    """A fresh, migrated store and its settings, as one pair."""
+    return settings, db
 
 
 @pytest.fixture(scope="session")

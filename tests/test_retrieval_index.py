@@ -10,25 +10,14 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select
 
-from core.db import Database, upgrade
+from core.db import Database
 from core.schema import Ticket
-from core.settings import load_settings
 from retrieval.cli import SEED_FILE, register
 from retrieval.evaluate import evaluate
 from retrieval.ingest import ingest_file
 from retrieval.search import TicketIndex
 
 FIXTURES = Path(__file__).parent / "fixtures"
-
-
-@pytest.fixture
-def env(tmp_path):
-    settings = load_settings(data_dir=tmp_path / "data")
-    settings.ensure_dirs()
-    upgrade(settings.db_url)
-    db = Database(settings.db_url)
-    yield settings, db
-    db.engine.dispose()
 
 
 @pytest.fixture

@@ -8,9 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from core.db import Database, upgrade
 from core.errors import TrainingError
-from core.settings import load_settings
 from retrieval.cli import SEED_FILE
 from retrieval.embedder import Embedder, active_pointer, embedded_model_dir, resolve_model_dir
 from retrieval.ingest import ingest_file
@@ -18,16 +16,6 @@ from retrieval.search import TicketIndex
 from retrieval.tune import Pair, TuneConfig, pairs_from_store, split_pairs, train, tune
 
 FIXTURES = Path(__file__).parent / "fixtures"
-
-
-@pytest.fixture
-def env(tmp_path):
-    settings = load_settings(data_dir=tmp_path / "data")
-    settings.ensure_dirs()
-    upgrade(settings.db_url)
-    db = Database(settings.db_url)
-    yield settings, db
-    db.engine.dispose()
 
 
 def test_split_keeps_groups_together():

@@ -8,7 +8,15 @@ from typing import Any
 from sqlalchemy import func, select
 
 from core.db import Database
-from core.schema import Message, MessageRole, MessageStatus, ModelStatus, ModelVersion, WorkerHeartbeat
+from core.schema import (
+    Message,
+    MessageRole,
+    MessageStatus,
+    ModelStatus,
+    ModelVersion,
+    WorkerHeartbeat,
+    as_utc,
+)
 from core.settings import Settings
 from workers.app import ANSWER_QUEUE, LIGHT_QUEUE, TRAIN_QUEUE
 
@@ -71,7 +79,7 @@ def collect(settings: Settings) -> dict[str, Any]:
     with db.session() as session:
         workers = []
         for row in session.scalars(select(WorkerHeartbeat).order_by(WorkerHeartbeat.name)).all():
-            seen = row.seen_at if row.seen_at.tzinfo else row.seen_at.replace(tzinfo=timezone.utc)
+            seen = as_utc(row.seen_at)
             workers.append(
                 {
                     "name": row.name,

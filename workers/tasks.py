@@ -23,7 +23,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta
 from enum import Enum
 from typing import Any
 
@@ -35,7 +35,7 @@ from sqlalchemy.orm import Session
 from core import texts
 from core.conversations import answer_for, store_reply
 from core.db import Database
-from core.schema import Conversation, Message, MessageRole, MessageStatus, WorkerHeartbeat
+from core.schema import Conversation, Message, MessageRole, MessageStatus, WorkerHeartbeat, as_utc, utcnow
 from workers.app import ANSWER_QUEUE, LIGHT_QUEUE, app, settings
 from workers.observability import (
     ANSWER_LATENCY,
@@ -88,14 +88,6 @@ def answerer():  # type: ignore[no-untyped-def]
         return _answerer
 
 
-def _now() -> datetime:
-    return datetime.now(timezone.utc)
-
-
-def _aware(value: datetime) -> datetime:
-    return value if value.tzinfo else value.replace(tzinfo=timezone.utc)
-
-
 def _fail(message_id: int, reason: str, user_text: str, *, db: Database | None = None) -> None:
     """End a message failed with a reason; the user reads ``user_text`` (never silence)."""
     with (db or database()).session() as session:
@@ -124,10 +116,10 @@ class Claim(Enum):
 
 def workers_answering(session: Session, *, exclude: str | None = None) -> set[int]:
     """Message ids that live workers (other than ``exclude``) list as in flight."""
-    fresh = _now() - timedelta(seconds=HEARTBEAT_STALE_S)
+    fresh = utcnow() - timedelta(seconds=HEARTBEAT_STALE_S)
     ids: set[int] = set()
     for row in session.scalars(select(WorkerHeartbeat)).all():
-        if row.name == exclude or _aware(row.seen_at) < fresh:
+        if row.name == exclude or as_utc(row.seen_at) < fresh:
             continue
         ids.update(int(i) for i in (row.state or {}).get("in_flight_ids", []))
     return ids
@@ -141,7 +133,7 @@ def _publish_heartbeat(session: Session, name: str, queues: str | None = None) -
     if queues is not None:
         row.queues = queues
     row.pid = os.getpid()
-    row.seen_at = _now()
+    row.seen_at = utcnow()
     row.model_version = _answerer.model.version if _answerer is not None else None
     # A model worker is ready once its model is loaded; a light-only worker at once (queues known).
     ready = _answerer is not None or (bool(row.queues) and ANSWER_QUEUE not in row.queues.split(","))
@@ -164,7 +156,7 @@ def claim(message_id: int, *, worker: str, db: Database | None = None) -> tuple[
             taken = session.execute(
                 update(Message)
                 .where(Message.id == message_id, Message.updated_at == seen)
-                .values(status=MessageStatus.answering, updated_at=_now())
+                .values(status=MessageStatus.answering, updated_at=utcnow())
                 .execution_options(synchronize_session=False)
             )
             if taken.rowcount == 1:
@@ -231,13 +223,13 @@ def _answer(task, message_id: int) -> int | None:  # type: ignore[no-untyped-def
         log.info("message %s not answered by this delivery: %s", message_id, outcome.value)
         return None
 
-    started = _now()
+    started = utcnow()
     log.info("answering message %s", message_id)
     try:
         reply = answerer().answer(message_id)
         if reply is None:
             return None
-        new = reply.answered_at is None or _aware(reply.answered_at) >= started
+        new = reply.answered_at is None or as_utc(reply.answered_at) >= started
         if new:
             ANSWERS.labels(status="failed" if reply.error else "answered").inc()
             if reply.latency_ms is not None:
@@ -344,7 +336,7 @@ def sweep_unanswered(*, db: Database, max_age_s: float, enqueue: Callable[[int],
     - gives up, telling the user, on a message re-queued ``MAX_REQUEUES`` times.
     """
     report = SweepReport()
-    now = _now()
+    now = utcnow()
     cutoff = now - timedelta(seconds=max_age_s)
     unanswered = (MessageStatus.received, MessageStatus.queued, MessageStatus.answering)
     with db.session() as session:
@@ -389,7 +381,7 @@ def sweep_unanswered(*, db: Database, max_age_s: float, enqueue: Callable[[int],
                 wait_s = max_age_s * 2 ** min(requeues, 5)
                 if requeues >= MAX_REQUEUES:
                     to_fail.append(message.id)
-                elif _aware(message.updated_at) <= now - timedelta(seconds=wait_s):
+                elif as_utc(message.updated_at) <= now - timedelta(seconds=wait_s):
                     meta["requeues"] = requeues + 1
                     message.status = MessageStatus.queued
                     message.updated_at = now
