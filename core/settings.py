@@ -71,6 +71,10 @@ class Settings(BaseSettings):
     privacy_allow_patterns: list[str] | None = Field(None, description="Regexes never masked (part numbers)")
     privacy_badge_patterns: list[str] | None = Field(None, description="Regexes for badge ids")
     privacy_hostname_patterns: list[str] | None = Field(None, description="Regexes for internal hostnames")
+    privacy_name_model: Path | None = Field(
+        None, description="Weights of the learned name model (default: the shipped ones)"
+    )
+    privacy_name_model_enabled: bool = Field(True, description="Use the learned name model beside the rules")
 
     # Platforms (later adapters)
     slack_bot_token: SecretStr | None = None

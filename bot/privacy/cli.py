@@ -45,7 +45,14 @@ def register(groups: Groups) -> None:
     parser.add_argument(
         "--tickets", type=Path, default=None, help="default DATA_DIR/tickets/maintnet_dev.jsonl"
     )
+    parser.add_argument(
+        "--support", type=Path, default=None, help="default DATA_DIR/tickets/dellqa_dev.jsonl (odd rows)"
+    )
     parser.add_argument("--limit", type=int, default=None, help="use only the first N rows of each file")
+    parser.add_argument(
+        "--name-model", type=Path, default=None, help="evaluate these name-model weights instead of the shipped ones"
+    )
+    parser.add_argument("--rules-only", action="store_true", help="without the learned name model")
 
 
 def anonymize_command(args: argparse.Namespace, settings: Settings) -> int:
@@ -83,11 +90,18 @@ def eval_privacy_command(args: argparse.Namespace, settings: Settings) -> int:
     synth = args.synth or data_dir / "pii" / "presidio_synth_v2.json"
     wnut_dir = args.wnut_dir or data_dir / "pii" / "wnut17"
     tickets = args.tickets or data_dir / "tickets" / "maintnet_dev.jsonl"
+    support = args.support or data_dir / "tickets" / "dellqa_dev.jsonl"
     if not any(p.exists() for p in (synth, wnut_dir, tickets)):
         print(f"no evaluation data under {data_dir}: skipped (pass --data-dir)", file=sys.stderr)
         return 0
+    updates: dict = {}
+    if args.name_model is not None:
+        updates["privacy_name_model"] = args.name_model
+    if args.rules_only:
+        updates["privacy_name_model_enabled"] = False
+    anonymizer = Anonymizer.from_settings(settings.model_copy(update=updates))
     report = evaluate(
-        Anonymizer.from_settings(settings), synth=synth, wnut_dir=wnut_dir, tickets=tickets, limit=args.limit
+        anonymizer, synth=synth, wnut_dir=wnut_dir, tickets=tickets, support=support, limit=args.limit
     )
     print(json.dumps(report, indent=2, ensure_ascii=False) if args.json else render(report))
     return 0

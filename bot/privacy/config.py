@@ -41,6 +41,9 @@ _ALLOW_WORDS = (
     "linux logitech mac macbook macos meraki microsoft nvidia office officejet okta onedrive optiplex oracle "
     "outlook pixel powerpoint poweredge precision raid ricoh safari salesforce samsung sap servicenow sharepoint "
     "siri slack surface teams thinkpad thunderbolt ubuntu vmware vpn webex windows xerox zebra zendesk zoom "
+    # infrastructure and dev tools named after people, myths or animals
+    "ansible apache debian elasticsearch grafana jenkins kafka kerberos kibana kubernetes logstash nagios "
+    "nginx postgres prometheus puppet redis splunk terraform tomcat vagrant zabbix "
     # IT words that are also first names somewhere ("Amber" light, "Max" speed, "Kit", "Manual")
     "amber chip core driver fan gen hyper iso kit manual max min page pin ping ram riser sas server service "
     "support"
@@ -62,6 +65,9 @@ class PrivacyConfig:
     allow_patterns: tuple[str, ...] = ()
     known_names: tuple[str, ...] = ()
     spacy_model: str = SPACY_MODEL
+    # The learned name model (person_model.py) on top of the rules; a path replaces the shipped weights.
+    name_model: bool = True
+    name_model_path: Path | None = None
     # Structured types come from Presidio's pattern recognizers, whose scores start at 0.3-0.5
     # (a bare 10-digit number is a weak phone). Tuned on presidio's synthetic set and WNUT-17 train.
     score_threshold: float = 0.3
@@ -95,4 +101,6 @@ class PrivacyConfig:
             max_chars=int(getattr(settings, "max_stored_chars", 100_000) or 100_000),
             data_dir=getattr(settings, "data_dir", None),
             privacy_key=secret or None,
+            name_model=bool(getattr(settings, "privacy_name_model_enabled", True)),
+            name_model_path=getattr(settings, "privacy_name_model", None),
         )

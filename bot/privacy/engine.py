@@ -39,8 +39,9 @@ SPACY_LABELS_IGNORED = [
     "WORK_OF_ART",
 ]
 
-# Presidio imports its optional Hugging Face recognizers, which pull in transformers and torch
-# (10 s, and `bot/` must stay torch-free). Where they are not loaded yet, they are hidden during the import.
+# Presidio imports its optional Hugging Face recognizers, which pull in transformers and torch and their
+# pipelines (10 s) that we never use. Where these are not loaded yet, they are hidden during the import;
+# our own name encoder (encoder.py) loads torch afterwards, and not at all with the name model off.
 _HIDDEN_WHILE_LOADING = ("torch", "transformers", "gliner", "stanza", "spacy_huggingface_pipelines")
 
 
@@ -92,6 +93,11 @@ class DetectionEngine:
         try:
             with without_heavy_optional_modules():
                 self._build()
+            if self.name_finder.model is not None:
+                # After Presidio's import, which must not see torch (see without_heavy_optional_modules).
+                from bot.privacy.encoder import shared_encoder
+
+                self.name_finder.encoder = shared_encoder()
         except PrivacyError:
             raise
         except Exception as err:  # noqa: BLE001 - any failure to build means no anonymization at all
@@ -110,6 +116,7 @@ class DetectionEngine:
 
         from bot.privacy.gazetteer import load_gazetteer
         from bot.privacy.names import NameFinder
+        from bot.privacy.person_model import load_person_model
         from bot.privacy.recognizers import (
             ChatPersonRecognizer,
             GroupPatternRecognizer,
@@ -135,6 +142,8 @@ class DetectionEngine:
         # The dependency parser is the slowest part and nothing here reads its trees.
         if "parser" in nlp.pipe_names:
             nlp.disable_pipe("parser")
+        name_model = load_person_model(config.name_model_path) if config.name_model else None
+        self.name_finder = NameFinder(self.gazetteer, config.allow_terms, name_model)
         self.known_names = KnownNamesRecognizer(self.gazetteer, config.allow_terms)
         self.known_names.add(config.known_names)
         recognizers: list[Any] = [
@@ -150,7 +159,7 @@ class DetectionEngine:
             GroupPatternRecognizer("HOSTNAME", config.hostname_patterns),
             HandleRecognizer(),
             self.known_names,
-            ChatPersonRecognizer(NameFinder(self.gazetteer, config.allow_terms)),
+            ChatPersonRecognizer(self.name_finder),
         ]
         recognizers = [r for r in recognizers if set(r.supported_entities) & set(config.entities)]
         registry = RecognizerRegistry(recognizers=recognizers)

@@ -16,8 +16,13 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from bot.privacy.gazetteer import Gazetteer
+
+if TYPE_CHECKING:
+    from bot.privacy.encoder import TokenEncoder
+    from bot.privacy.person_model import PersonModel
 
 # A first name becomes a candidate below this word frequency (Zipf) when lower-case...
 LOWER_NAME_MAX_ZIPF = 4.6
@@ -241,9 +246,17 @@ class NameSpan:
 class NameFinder:
     """Decides which tokens of a spaCy Doc (run on ``truecase(text)``) are people's names."""
 
-    def __init__(self, gazetteer: Gazetteer, allow_terms: Iterable[str] = ()) -> None:
+    def __init__(
+        self,
+        gazetteer: Gazetteer,
+        allow_terms: Iterable[str] = (),
+        model: PersonModel | None = None,
+        encoder: TokenEncoder | None = None,
+    ) -> None:
         self.gazetteer = gazetteer
         self.allow_terms = {term.lower() for term in allow_terms}
+        self.model = model
+        self.encoder = encoder
 
     def _word_ok(self, word: str) -> bool:
         return bool(WORDLIKE.fullmatch(word)) and word.lower() not in self.allow_terms
@@ -281,10 +294,26 @@ class NameFinder:
 
     def find(self, doc, text: str) -> list[NameSpan]:  # type: ignore[no-untyped-def]
         """``doc`` is spaCy's analysis of ``truecase(text)``; offsets are into ``text``."""
-        gaz = self.gazetteer
         shouting = is_all_caps(text)
         tokens = list(doc)
         originals = [text[t.idx : t.idx + len(t.text)] for t in tokens]
+        marked = self.rule_marks(doc, originals, text, shouting)
+        self._extend(tokens, originals, shouting, marked)
+        # All-caps text has lost the capital letters the model leans on; there the rules alone decide.
+        if self.model is not None and self.encoder is not None and not shouting:
+            candidates = self.model.candidates(tokens, originals, marked, self._word_ok)
+            if candidates:
+                spans = [(tokens[i].idx, tokens[i].idx + len(tokens[i].text)) for i in candidates]
+                vectors = self.encoder.vectors(text, spans)
+                found = self.model.marks(tokens, originals, marked, self.gazetteer, shouting, candidates, vectors)
+                marked.update(found)
+                self._extend(tokens, originals, shouting, marked)
+        return self._spans(tokens, text, marked)
+
+    def rule_marks(self, doc, originals: list[str], text: str, shouting: bool) -> dict[int, tuple[float, str]]:  # type: ignore[no-untyped-def]
+        """Token index -> (score, rule) for tokens the hand-written rules call names."""
+        gaz = self.gazetteer
+        tokens = list(doc)
         marked: dict[int, tuple[float, str]] = {}
 
         def mark(i: int, score: float, why: str) -> None:
@@ -360,7 +389,11 @@ class NameFinder:
             ):
                 mark(nxt, 0.6, "cue")
 
-        # Extension: neighbours of a name that are surnames, initials or rare capitalised words.
+        return marked
+
+    def _extend(self, tokens, originals, shouting: bool, marked: dict[int, tuple[float, str]]) -> None:  # type: ignore[no-untyped-def]
+        """Neighbours of a name that are surnames, initials or rare capitalised words join it."""
+        gaz = self.gazetteer
         changed = True
         while changed:
             changed = False
@@ -387,9 +420,10 @@ class NameFinder:
                             or (titled and (gaz.is_first_name(word) or zipf < PLACE_NAME_MIN_ZIPF))
                         )
                     ):
-                        mark(j, marked[i][0] - 0.05, "neighbour")
+                        marked[j] = (marked[i][0] - 0.05, "neighbour")
                         changed = True
 
+    def _spans(self, tokens, text: str, marked: dict[int, tuple[float, str]]) -> list[NameSpan]:  # type: ignore[no-untyped-def]
         spans: list[NameSpan] = []
         for i in sorted(marked):
             token = tokens[i]
