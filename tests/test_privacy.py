@@ -266,3 +266,42 @@ def test_rules_only_keeps_torch_out() -> None:
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+def test_shipped_name_model_matches_the_encoder() -> None:
+    from bot.privacy.encoder import shared_encoder
+    from bot.privacy.person_model import load_person_model
+
+    model = load_person_model()
+    assert len(model.dense) == shared_encoder().width
+    assert 0.0 < model.threshold < 1.0 and len(model.weights) > 1000
+
+
+def test_swapped_names_keep_their_spans() -> None:
+    import random
+
+    from bot.privacy.train_names import swap_names
+
+    text = "ask emma and Tom Jones about it"
+    gold = [(4, 8), (13, 22)]
+    names = (["Anna", "Bogdan"], ["Nowak", "Dlamini"])
+    for seed in range(20):
+        swapped, spans = swap_names(text, gold, names, random.Random(seed))
+        assert swapped.startswith("ask ") and swapped.endswith(" about it")
+        words = [swapped[s:e] for s, e in spans]
+        assert len(words) == 2 and all(w.replace(" ", "").isalpha() for w in words)
+        assert swapped[spans[0][1] : spans[1][0]] == " and "
+
+
+@pytest.mark.slow
+def test_train_names_writes_a_model_the_engine_loads(tmp_path: Path) -> None:
+    out = tmp_path / "names.json"
+    done = subprocess.run(
+        [sys.executable, "-m", "bot.privacy.train_names", str(FIXTURES / "names_train.conll"),
+         "--folds", "2", "--copies", "1", "--out", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    trained = Anonymizer(PrivacyConfig(name_model_path=out))
+    assert "<PERSON_1>" in trained.anonymize("ask emma about it").text  # the rules still run
+    assert "threshold" in json.loads(out.read_text())

@@ -22,6 +22,9 @@ from core.errors import PrivacyError
 # Last layer (context) and a middle one (word form): what the classifier sees per sub-word.
 LAYERS = (-1, 3)
 WINDOW = 254  # sub-words per forward pass, plus [CLS] and [SEP]: MiniLM is trained at 256 and below
+# Sub-words encoded per text (the engine's chunks are 2,000 characters: about 500 sub-words of prose, but
+# 1,500 of random bytes). Words past this get no vector and are left to the rules: bounded time per chunk.
+MAX_SUBWORDS = 2 * WINDOW
 
 
 class TokenEncoder:
@@ -56,9 +59,12 @@ class TokenEncoder:
         found = self._cache.get(text)
         if found is not None:
             return found
-        encoded = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-        ids: list[int] = encoded["input_ids"]
-        offsets = [tuple(o) for o in encoded["offset_mapping"]]
+        # Long text is run in windows below, so the tokenizer's length warning does not apply.
+        encoded = self.tokenizer(
+            text, add_special_tokens=False, return_offsets_mapping=True, verbose=False
+        )
+        ids: list[int] = encoded["input_ids"][:MAX_SUBWORDS]
+        offsets = [tuple(o) for o in encoded["offset_mapping"][:MAX_SUBWORDS]]
         states = np.zeros((len(ids), self.width), dtype=np.float32)
         torch = self._torch
         cls, sep = self.tokenizer.cls_token_id, self.tokenizer.sep_token_id
@@ -77,16 +83,25 @@ class TokenEncoder:
                 self._cache.popitem(last=False)
         return result  # type: ignore[return-value]
 
-    def vectors(self, text: str, spans: list[tuple[int, int]]) -> np.ndarray:
-        if not spans:
-            return np.zeros((0, self.width), dtype=np.float32)
-        offsets, states = self._states(text)
+    def vectors(self, text: str, spans: list[tuple[int, int]]) -> tuple[np.ndarray, np.ndarray]:
+        """One vector per span, and whether the span was encoded (see ``MAX_SUBWORDS``)."""
         out = np.zeros((len(spans), self.width), dtype=np.float32)
+        covered = np.zeros(len(spans), dtype=bool)
+        if not spans:
+            return out, covered
+        offsets, states = self._states(text)
+        if not offsets:
+            return out, covered
+        # Sub-word offsets are in reading order: the ones inside [start, end) are a slice, found by bisection.
+        starts = np.fromiter((a for a, _ in offsets), dtype=np.int64, count=len(offsets))
+        ends = np.fromiter((b for _, b in offsets), dtype=np.int64, count=len(offsets))
         for row, (start, end) in enumerate(spans):
-            inside = [k for k, (a, b) in enumerate(offsets) if b > a and a < end and start < b]
-            if inside:
-                out[row] = states[inside].mean(axis=0)
-        return out
+            first = int(np.searchsorted(ends, start, side="right"))
+            last = int(np.searchsorted(starts, end, side="left"))
+            if last > first:
+                out[row] = states[first:last].mean(axis=0)
+                covered[row] = end <= ends[-1]
+        return out, covered
 
 
 _shared: dict[Any, TokenEncoder] = {}

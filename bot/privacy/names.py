@@ -304,8 +304,11 @@ class NameFinder:
             candidates = self.model.candidates(tokens, originals, marked, self._word_ok)
             if candidates:
                 spans = [(tokens[i].idx, tokens[i].idx + len(tokens[i].text)) for i in candidates]
-                vectors = self.encoder.vectors(text, spans)
-                found = self.model.marks(tokens, originals, marked, self.gazetteer, shouting, candidates, vectors)
+                vectors, covered = self.encoder.vectors(text, spans)
+                candidates = [i for i, ok in zip(candidates, covered) if ok]
+                found = self.model.marks(
+                    tokens, originals, marked, self.gazetteer, shouting, candidates, vectors[covered]
+                )
                 marked.update(found)
                 self._extend(tokens, originals, shouting, marked)
         return self._spans(tokens, text, marked)

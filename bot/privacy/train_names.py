@@ -127,9 +127,11 @@ def examples(finder: NameFinder, sentence: Sentence) -> list[Example]:
     # misses alone are too few examples. At run time the model only sees the unmarked ones.
     chosen = [i for i, t in enumerate(tokens) if is_candidate(t, originals[i], finder._word_ok)]
     spans = [(tokens[i].idx, tokens[i].idx + len(tokens[i].text)) for i in chosen]
-    vectors = finder.encoder.vectors(text, spans)
+    vectors, covered = finder.encoder.vectors(text, spans)
     rows: list[Example] = []
-    for i, (start, end), vector in zip(chosen, spans, vectors):
+    for i, (start, end), vector, ok in zip(chosen, spans, vectors, covered):
+        if not ok:
+            continue
         label = int(any(start < e and s < end for s, e in sentence.gold))
         rows.append((token_features(tokens, originals, i, marked, finder.gazetteer, shouting), vector, label))
     return rows
