@@ -305,3 +305,39 @@ def test_train_names_writes_a_model_the_engine_loads(tmp_path: Path) -> None:
     trained = Anonymizer(PrivacyConfig(name_model_path=out))
     assert "<PERSON_1>" in trained.anonymize("ask emma about it").text  # the rules still run
     assert "threshold" in json.loads(out.read_text())
+
+
+def test_eval_privacy_reports_every_part(anonymizer: Anonymizer, settings, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    from bot.privacy.evaluate import evaluate, render
+
+    synth = tmp_path / "synth.json"
+    synth.write_text(json.dumps([{
+        "full_text": "Mail ana@example.com or call Ana Silva",
+        "spans": [
+            {"entity_type": "EMAIL_ADDRESS", "start_position": 5, "end_position": 20},
+            {"entity_type": "PERSON", "start_position": 29, "end_position": 38},
+        ],
+    }]))  # fmt: skip
+    wnut = tmp_path / "wnut"
+    wnut.mkdir()
+    (wnut / "emerging.dev.conll").write_text((FIXTURES / "names_train.conll").read_text())
+    tickets = tmp_path / "tickets.jsonl"
+    tickets.write_text(json.dumps({"title": "ENGINE ROCKER COVER LEAK", "work_performed": "REPLACED GASKET"}) + "\n")
+    support = tmp_path / "support.jsonl"
+    rows = [
+        ("printer jams on every page", "clean the pickup roller"),
+        ("laptop will not charge", "replace the power adapter"),
+        ("vpn drops every hour", "update the vpn client"),
+        ("outlook asks for the password again and again, Maria says hers too", "clear the credential cache"),
+    ]
+    support.write_text("".join(json.dumps({"question": q, "solution": a}) + "\n" for q, a in rows))
+    report = evaluate(
+        anonymizer, synth=synth, wnut_dir=wnut, tickets=tickets, support=support, retrieval_settings=settings
+    )
+    assert report["synth"]["recall"]["EMAIL_ADDRESS"]["recall"] == 1.0
+    assert report["wnut17_dev"]["persons"] == 7 and report["wnut17_dev"]["person_recall"] >= 5 / 7
+    assert report["tickets"]["masked_share"] == 0.0
+    assert report["support"]["tickets"] == 2  # the odd rows only: the name model trains on the even ones
+    assert report["retrieval"]["questions"] == 2
+    assert report["retrieval"]["raw"]["recall@5"] == 1.0  # four answers: every one is in the top five
+    assert "Retrieval of held-out support questions" in render(report) and not report["skipped"]

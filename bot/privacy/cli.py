@@ -53,6 +53,11 @@ def register(groups: Groups) -> None:
         "--name-model", type=Path, default=None, help="evaluate these name-model weights instead of the shipped ones"
     )
     parser.add_argument("--rules-only", action="store_true", help="without the learned name model")
+    parser.add_argument(
+        "--retrieval",
+        action="store_true",
+        help="also measure retrieval of the support questions raw against anonymized (loads the embedder)",
+    )
 
 
 def anonymize_command(args: argparse.Namespace, settings: Settings) -> int:
@@ -91,7 +96,7 @@ def eval_privacy_command(args: argparse.Namespace, settings: Settings) -> int:
     wnut_dir = args.wnut_dir or data_dir / "pii" / "wnut17"
     tickets = args.tickets or data_dir / "tickets" / "maintnet_dev.jsonl"
     support = args.support or data_dir / "tickets" / "dellqa_dev.jsonl"
-    if not any(p.exists() for p in (synth, wnut_dir, tickets)):
+    if not any(p.exists() for p in (synth, wnut_dir, tickets, support)):
         print(f"no evaluation data under {data_dir}: skipped (pass --data-dir)", file=sys.stderr)
         return 0
     updates: dict = {}
@@ -101,7 +106,13 @@ def eval_privacy_command(args: argparse.Namespace, settings: Settings) -> int:
         updates["privacy_name_model_enabled"] = False
     anonymizer = Anonymizer.from_settings(settings.model_copy(update=updates))
     report = evaluate(
-        anonymizer, synth=synth, wnut_dir=wnut_dir, tickets=tickets, support=support, limit=args.limit
+        anonymizer,
+        synth=synth,
+        wnut_dir=wnut_dir,
+        tickets=tickets,
+        support=support,
+        limit=args.limit,
+        retrieval_settings=settings if args.retrieval else None,
     )
     print(json.dumps(report, indent=2, ensure_ascii=False) if args.json else render(report))
     return 0

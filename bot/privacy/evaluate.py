@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import json
 import statistics
+import tempfile
 import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from bot.privacy.anonymizer import Anonymizer
 from core.types import Entity
@@ -164,6 +166,36 @@ def eval_tickets(
     }
 
 
+def eval_retrieval_impact(anonymizer: Anonymizer, pairs: Path, settings: Any, limit: int | None = None) -> dict:
+    """What over-masking costs retrieval: recall@1/5 and MRR of the held-out DellQA questions (odd rows)
+    searched among all accepted answers, with the questions raw and anonymized (as workers see them)."""
+    from retrieval.evaluate import evaluate as evaluate_retrieval
+
+    answers, questions = [], []
+    for number, line in enumerate(pairs.read_text(encoding="utf-8").splitlines()):
+        row = json.loads(line)
+        question, answer = row.get("question"), row.get("solution")
+        if not (isinstance(question, str) and question.strip() and isinstance(answer, str) and answer.strip()):
+            continue
+        answers.append({"id": f"row-{number}", "work_performed": answer})
+        if number % 2:
+            questions.append((f"row-{number}", question))
+    questions = questions[:limit]
+    report: dict[str, Any] = {"file": str(pairs), "questions": len(questions)}
+    with tempfile.TemporaryDirectory(prefix="supportbot-privacy-") as tmp:
+        tickets = Path(tmp) / "tickets.jsonl"
+        tickets.write_text("".join(json.dumps(a) + "\n" for a in answers), encoding="utf-8")
+        for name, rewrite in (("raw", lambda q: q), ("anonymized", lambda q: anonymizer.anonymize(q).text)):
+            queries = Path(tmp) / f"{name}.jsonl"
+            queries.write_text(
+                "".join(json.dumps({"query": rewrite(q), "relevant": [i]}) + "\n" for i, q in questions),
+                encoding="utf-8",
+            )
+            scores = evaluate_retrieval(settings=settings, tickets=tickets, queries=queries, k=10)
+            report[name] = {key: scores[key] for key in ("recall@1", "recall@5", "mrr")}
+    return report
+
+
 def evaluate(
     anonymizer: Anonymizer,
     *,
@@ -172,7 +204,9 @@ def evaluate(
     tickets: Path,
     support: Path | None = None,
     limit: int | None = None,
+    retrieval_settings: Any = None,
 ) -> dict:
+    """``retrieval_settings``: also measure what masking costs retrieval (``eval_retrieval_impact``)."""
     timer = Timer()
     report: dict = {}
     skipped = []
@@ -193,6 +227,8 @@ def evaluate(
         report["support"] = eval_tickets(anonymizer, support, timer, limit, ("question",), held_out=True)
     elif support is not None:
         skipped.append(f"{support} not found")
+    if retrieval_settings is not None and support is not None and support.exists():
+        report["retrieval"] = eval_retrieval_impact(anonymizer, support, retrieval_settings, limit)
     report["latency"] = timer.summary()
     report["skipped"] = skipped
     return report
@@ -219,6 +255,11 @@ def render(report: dict) -> str:
             )
             for example, count in row["most_masked"]:
                 lines.append(f"  {count:>4}  {example}")
+    if "retrieval" in report:
+        row = report["retrieval"]
+        lines.append(f"Retrieval of held-out support questions ({row['questions']}), raw -> anonymized:")
+        for key in ("recall@1", "recall@5", "mrr"):
+            lines.append(f"  {key:<9} {row['raw'][key]:.4f} -> {row['anonymized'][key]:.4f}")
     if report.get("latency"):
         lat = report["latency"]
         lines.append(
