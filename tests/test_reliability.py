@@ -446,6 +446,33 @@ def test_batcher_serves_concurrent_requests_in_shared_batches(tmp_path):
     assert batcher.generate(build_messages(question=PRINTER), timeout_s=600).text
 
 
+def test_batcher_loads_the_model_and_runs_torch_calls_on_its_own_thread(tmp_path):
+    from model.prompt import build_messages
+    from model.runtime import LanguageModel
+    from workers.batching import Batcher
+
+    settings = load_settings(data_dir=tmp_path / "data", max_new_tokens=4, environment="test")
+    loaded_on: list[threading.Thread] = []
+
+    def load() -> LanguageModel:
+        loaded_on.append(threading.current_thread())
+        return LanguageModel(settings)
+
+    batcher = Batcher(load=load, max_batch=4)
+    model = batcher.loaded()
+    assert loaded_on == [batcher._thread] and batcher.model is model
+    assert batcher.call(threading.current_thread) is batcher._thread
+    with pytest.raises(ZeroDivisionError):
+        batcher.call(lambda: 1 / 0)  # the caller gets the error...
+    assert batcher.generate(build_messages(question=PRINTER), timeout_s=600).text  # ...the loop lives on
+
+    failing = Batcher(load=lambda: (_ for _ in ()).throw(OSError("no weights")))
+    with pytest.raises(OSError, match="no weights"):
+        failing.loaded()
+    with pytest.raises(ValueError):
+        Batcher()
+
+
 # --- one worker on redis: duplicates, poison, logs, status ------------------------------------------
 
 

@@ -30,6 +30,12 @@ def is_echo(answer: str, question: str) -> bool:
     return not said or (len(said - asked) <= 2 and len(said) <= len(asked) + 2)
 
 
+def prompt_tickets(result: SearchResult, min_confidence: float) -> list[TicketHit]:
+    """Only tickets the retriever is confident about are shown to the model and cited as sources;
+    a weak third hit would dilute the prompt and the fix-time estimate."""
+    return [h for h in result.hits if h.score >= min_confidence] or list(result.hits[:1])
+
+
 def compose(answer: str, hits: list[TicketHit], hours: float | None, *, question: str = "") -> str:
     """The model's text plus the sources and the fix-time estimate, which never depend on the model.
 
@@ -56,9 +62,10 @@ class Answerer:
         started = time.monotonic()
         self.settings = settings
         self.db = db
-        self.model = LanguageModel(settings)
-        self.batcher = Batcher(self.model, max_batch=settings.batch_max)
-        self.index = TicketIndex.open(settings=settings, db=db)
+        # All torch work of the process runs on the batcher's thread (see workers/batching.py).
+        self.batcher = Batcher(load=lambda: LanguageModel(settings), max_batch=settings.batch_max)
+        self.model = self.batcher.loaded()
+        self.index = self.batcher.call(TicketIndex.open, settings=settings, db=db)
         self._adapter_checked = 0.0
         self._adapter_lock = threading.Lock()
         self.sync_adapter(force=True)
@@ -81,10 +88,10 @@ class Answerer:
                 target = (active.adapter_path, active.name) if active and active.adapter_path else None
             if target is None:
                 if self.model.adapter_path and self.model.adapter_path != self.settings.adapter:
-                    self.model.use_adapter(self.settings.adapter)
+                    self.batcher.call(self.model.use_adapter, self.settings.adapter)
                 return
             if target[0] != self.model.adapter_path:
-                self.model.use_adapter(target[0], target[1])
+                self.batcher.call(self.model.use_adapter, target[0], target[1])
 
     def answer(self, message_id: int) -> Message | None:
         """Answer one stored user message, exactly once. Returns the reply (new or earlier)."""
@@ -117,7 +124,7 @@ class Answerer:
         ref = uuid.uuid4().hex[:8]
         query = text[: self.settings.max_message_chars]
         try:
-            result = self.index.search(query, k=self.settings.retrieval_k)
+            result = self.batcher.call(self.index.search, query, k=self.settings.retrieval_k)
             reply, hits, hours = self._write(query, turns, result)
             if truncated:
                 reply = texts.TRUNCATED_NOTE.format(limit=self.settings.max_message_chars) + "\n\n" + reply
@@ -190,9 +197,7 @@ class Answerer:
                 near = ", ".join(f"{h.id} ({h.title})" if h.title else h.id for h in result.hits[:2])
                 reply += "\n\n" + texts.POSSIBLY_RELATED.format(tickets=near)
             return reply, [], None
-        # Only tickets the retriever is confident about are shown to the model and cited as sources;
-        # a weak third hit would dilute the prompt and the fix-time estimate.
-        hits = [h for h in result.hits if h.score >= self.settings.min_confidence] or list(result.hits[:1])
+        hits = prompt_tickets(result, self.settings.min_confidence)
         messages = build_messages(question=query, tickets=hits, history=turns)
         generation = self.batcher.generate(messages, timeout_s=self.settings.answer_soft_limit_s)
         hours = estimate_hours(hits)

@@ -9,6 +9,11 @@ so the more rows share a pass, the more answers per minute. Requests do not arri
 after a batch, each worker thread stores its reply, takes its next task and runs retrieval before it
 asks again. The loop therefore waits a little for stragglers, longer when the last batch was large and
 slow (they are surely coming, and a straggler missed now waits a whole batch), not at all for a lone user.
+
+The loop's thread is also the process's only torch thread: the model is loaded there and other torch work
+(retrieval's query embedding, adapter swaps) is handed to it with ``call``. Every Python thread that runs
+a parallel torch op gets its own OpenMP team, and once a process holds more OpenMP threads than cores,
+libgomp stops spin-waiting between ops: decoding got 15% slower (``python -m bench.torch_threads``).
 """
 
 from __future__ import annotations
@@ -17,10 +22,11 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 from core.errors import GenerationTimeout
 from model.runtime import Generation, LanguageModel
@@ -36,28 +42,56 @@ class _Request:
     future: Future[Generation]
 
 
+T = TypeVar("T")
+
+
+@dataclass
+class _Call:
+    fn: Callable[[], Any]
+    future: Future[Any]
+
+
 class Batcher:
     def __init__(
         self,
-        model: LanguageModel,
+        model: LanguageModel | None = None,
         *,
+        load: Callable[[], LanguageModel] | None = None,
         max_batch: int = 16,
         gather_s: float = 0.01,
         max_gather_s: float = 1.0,
         gather_share: float = 0.1,
     ) -> None:
-        self.model = model
+        if (model is None) == (load is None):
+            raise ValueError("Batcher needs a model or a function that loads one")
+        self.model: LanguageModel = model  # type: ignore[assignment]  # set on the thread when load is given
+        self._load = load
+        self._loaded: Future[LanguageModel] = Future()
+        if model is not None:
+            self._loaded.set_result(model)
         self.max_batch = max_batch
         self.gather_s = gather_s  # short wait so requests arriving together share the first pass
         self.max_gather_s = max_gather_s  # never wait longer than this for stragglers
         self.gather_share = gather_share  # ...nor longer than this share of the last batch's time
-        self._requests: queue.Queue[_Request] = queue.Queue()
+        self._requests: queue.Queue[_Request | _Call] = queue.Queue()
         self._last_size = 0
         self._last_seconds = 0.0
         self.batches = 0
         self.rows = 0
         self._thread = threading.Thread(target=self._loop, name="batcher", daemon=True)
         self._thread.start()
+
+    def loaded(self) -> LanguageModel:
+        """The model, once the loop's thread has loaded it (its loading error, if that failed)."""
+        return self._loaded.result()
+
+    def call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Run ``fn`` on the torch thread, between batches, and return its result."""
+        if threading.current_thread() is self._thread:
+            return fn(*args, **kwargs)
+        future: Future[T] = Future()
+        self._requests.put(_Call(lambda: fn(*args, **kwargs), future))
+        return future.result()
 
     def generate(
         self,
@@ -83,24 +117,47 @@ class Batcher:
         return min(self.max_gather_s, max(self.gather_s, self.gather_share * self._last_seconds))
 
     def _take_batch(self) -> list[_Request]:
-        batch = [self._requests.get()]
+        first = self._requests.get()
+        while isinstance(first, _Call):
+            self._call(first)
+            first = self._requests.get()
+        batch = [first]
         deadline = time.monotonic() + self.gather_window()
         while len(batch) < self.max_batch:
             try:
-                batch.append(self._requests.get_nowait())  # whatever queued up during the last batch
-                continue
+                item = self._requests.get_nowait()  # whatever queued up during the last batch
             except queue.Empty:
-                pass
-            left = deadline - time.monotonic()
-            if left <= 0:
-                break
-            try:
-                batch.append(self._requests.get(timeout=left))
-            except queue.Empty:
-                break
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                try:
+                    item = self._requests.get(timeout=left)
+                except queue.Empty:
+                    break
+            if isinstance(item, _Call):
+                # Run now: a straggler's retrieval done in the gather window lets its prompt join this batch.
+                self._call(item)
+            else:
+                batch.append(item)
         return [r for r in batch if r.future.set_running_or_notify_cancel()]
 
+    @staticmethod
+    def _call(call: _Call) -> None:
+        if not call.future.set_running_or_notify_cancel():
+            return
+        try:
+            call.future.set_result(call.fn())
+        except BaseException as err:  # noqa: BLE001 - the caller gets it; the loop goes on
+            call.future.set_exception(err)
+
     def _loop(self) -> None:
+        if self._load is not None:
+            try:
+                self.model = self._load()
+            except BaseException as err:  # noqa: BLE001 - raised to whoever waits in loaded()
+                self._loaded.set_exception(err)
+                return
+            self._loaded.set_result(self.model)
         while True:
             try:
                 batch = self._take_batch()
