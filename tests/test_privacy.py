@@ -268,13 +268,17 @@ def test_rules_only_keeps_torch_out() -> None:
     assert out.stdout.strip() == "[]"
 
 
-def test_shipped_name_model_matches_the_encoder() -> None:
+def test_shipped_name_model_matches_the_encoder(tmp_path: Path) -> None:
     from bot.privacy.encoder import shared_encoder
     from bot.privacy.person_model import load_person_model
 
     model = load_person_model()
     assert len(model.dense) == shared_encoder().width
     assert 0.0 < model.threshold < 1.0 and len(model.weights) > 1000
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({**model.to_json(), "dense": list(model.dense[:10])}))
+    with pytest.raises(PrivacyError, match="retrain"):
+        Anonymizer(PrivacyConfig(name_model_path=other))  # weights for another encoder: a clear error
 
 
 def test_swapped_names_keep_their_spans() -> None:
