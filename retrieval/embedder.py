@@ -13,6 +13,7 @@ import logging
 import os
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -93,6 +94,8 @@ class Embedder:
         self.folder = folder
         self.fingerprint = model_fingerprint(folder)
         self._lock = threading.Lock()
+        # Set by a worker: runs the forward pass on its one torch thread (see workers/batching.py).
+        self.runner: Callable[..., np.ndarray] | None = None
         if torch_threads > 0:
             import torch
 
@@ -114,6 +117,11 @@ class Embedder:
     def encode(self, texts: list[str], *, progress: bool = False) -> np.ndarray:
         if not texts:
             return np.zeros((0, self.dim), dtype=np.float32)
+        if self.runner is not None:
+            return self.runner(self._encode, texts, progress)
+        return self._encode(texts, progress)
+
+    def _encode(self, texts: list[str], progress: bool) -> np.ndarray:
         # Sorting by length keeps padding small inside each batch; sentence-transformers does it too,
         # but only within one call, so large inputs are passed in one call.
         with self._lock:

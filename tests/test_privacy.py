@@ -345,3 +345,16 @@ def test_eval_privacy_reports_every_part(anonymizer: Anonymizer, settings, tmp_p
     assert report["retrieval"]["questions"] == 2
     assert report["retrieval"]["raw"]["recall@5"] == 1.0  # four answers: every one is in the top five
     assert "Retrieval of held-out support questions" in render(report) and not report["skipped"]
+
+
+def test_names_after_a_long_paste_and_common_surnames_are_masked(anonymizer: Anonymizer) -> None:
+    pasted = "ERR 0x" + "4f" * 700 + "\nThandiwe fixed it last week but it broke again"
+    assert "Thandiwe" not in anonymizer.anonymize(pasted, scope="paste").text  # past MiniLM's first windows
+    assert "Jenkins" not in anonymizer.anonymize("please ask Sarah Jenkins about the VPN", scope="j").text
+
+
+def test_from_settings_tells_name_model_settings_apart() -> None:
+    rules = Anonymizer.from_settings(load_settings(privacy_name_model_enabled=False))
+    full = Anonymizer.from_settings(load_settings())
+    assert rules is not full
+    assert rules.engine.name_finder.model is None and full.engine.name_finder.model is not None

@@ -10,10 +10,12 @@ after a batch, each worker thread stores its reply, takes its next task and runs
 asks again. The loop therefore waits a little for stragglers, longer when the last batch was large and
 slow (they are surely coming, and a straggler missed now waits a whole batch), not at all for a lone user.
 
-The loop's thread is also the process's only torch thread: the model is loaded there and other torch work
-(retrieval's query embedding, adapter swaps) is handed to it with ``call``. Every Python thread that runs
-a parallel torch op gets its own OpenMP team, and once a process holds more OpenMP threads than cores,
-libgomp stops spin-waiting between ops: decoding got 15% slower (``python -m bench.torch_threads``).
+The loop's thread is also the answer path's only torch thread: the model is loaded there and other torch
+work (retrieval's embedding forward pass, adapter swaps) is handed to it with ``call``. Every Python
+thread that runs a parallel torch op gets its own OpenMP team, and once a process holds more OpenMP
+threads than cores, libgomp stops spin-waiting between ops: generation on a second thread was 1.15x
+slower (``python -m bench.torch_threads``). One exception remains: the periodic export's anonymizer
+scrub (light queue) runs MiniLM on its task thread; it is rare and short.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from core.errors import GenerationTimeout
+from core.errors import GenerationTimeout, ModelError
 from model.runtime import Generation, LanguageModel
 from workers.observability import BATCH_SIZE, GENERATION_SECONDS
 
@@ -81,6 +83,11 @@ class Batcher:
         self._thread = threading.Thread(target=self._loop, name="batcher", daemon=True)
         self._thread.start()
 
+    def _check_alive(self) -> None:
+        if not self._thread.is_alive():
+            self._loaded.result()  # the loading error, if that is what ended the thread
+            raise ModelError("the model thread is not running")
+
     def loaded(self) -> LanguageModel:
         """The model, once the loop's thread has loaded it (its loading error, if that failed)."""
         return self._loaded.result()
@@ -89,6 +96,7 @@ class Batcher:
         """Run ``fn`` on the torch thread, between batches, and return its result."""
         if threading.current_thread() is self._thread:
             return fn(*args, **kwargs)
+        self._check_alive()
         future: Future[T] = Future()
         self._requests.put(_Call(lambda: fn(*args, **kwargs), future))
         return future.result()
@@ -102,6 +110,9 @@ class Batcher:
     ) -> Generation:
         """Queue one prompt and wait for its generation. Past ``timeout_s`` the caller gets GenerationTimeout
         (the thread pool has no Celery time limits, so this is the task's own hard stop)."""
+        if threading.current_thread() is self._thread:
+            raise ModelError("generate() from the batcher's own thread would wait on itself")
+        self._check_alive()
         future: Future[Generation] = Future()
         self._requests.put(_Request(list(messages), max_new_tokens, future))
         try:

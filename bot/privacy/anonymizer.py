@@ -51,6 +51,8 @@ class Anonymizer:
             config.max_chars,
             str(config.data_dir),
             config.privacy_key,
+            config.name_model,
+            config.name_model_path,
         )
         with _cache_lock:
             found = _cache.get(key)

@@ -49,10 +49,11 @@ def register(groups: Groups) -> None:
         "--support", type=Path, default=None, help="default DATA_DIR/tickets/dellqa_dev.jsonl (odd rows)"
     )
     parser.add_argument("--limit", type=int, default=None, help="use only the first N rows of each file")
-    parser.add_argument(
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument(
         "--name-model", type=Path, default=None, help="evaluate these name-model weights instead of the shipped ones"
     )
-    parser.add_argument("--rules-only", action="store_true", help="without the learned name model")
+    which.add_argument("--rules-only", action="store_true", help="without the learned name model")
     parser.add_argument(
         "--retrieval",
         action="store_true",

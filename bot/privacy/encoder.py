@@ -22,9 +22,10 @@ from core.errors import PrivacyError
 # Last layer (context) and a middle one (word form): what the classifier sees per sub-word.
 LAYERS = (-1, 3)
 WINDOW = 254  # sub-words per forward pass, plus [CLS] and [SEP]: MiniLM is trained at 256 and below
-# Sub-words encoded per text (the engine's chunks are 2,000 characters: about 500 sub-words of prose, but
-# 1,500 of random bytes). Words past this get no vector and are left to the rules: bounded time per chunk.
-MAX_SUBWORDS = 2 * WINDOW
+# Sub-words encoded per text. Every sub-word covers at least one character, so this covers all of one of
+# the engine's 2,000-character chunks (prose is about 500 sub-words, random bytes 1,500): no name goes
+# unencoded, and time per chunk stays bounded. Longer texts (callers other than the engine) are cut here.
+MAX_SUBWORDS = 8 * WINDOW
 
 
 class TokenEncoder:
@@ -56,13 +57,15 @@ class TokenEncoder:
 
     def _states(self, text: str) -> tuple[list[tuple[int, int]], np.ndarray]:
         """Sub-word character offsets and their hidden states (n_subwords x width)."""
-        found = self._cache.get(text)
-        if found is not None:
-            return found
-        # Long text is run in windows below, so the tokenizer's length warning does not apply.
-        encoded = self.tokenizer(
-            text, add_special_tokens=False, return_offsets_mapping=True, verbose=False
-        )
+        with self._lock:
+            found = self._cache.get(text)
+            if found is not None:
+                return found
+            # Under the lock: the fast tokenizer's settings change on its first call, which is not
+            # thread-safe. Long text is run in windows below, so its length warning does not apply.
+            encoded = self.tokenizer(
+                text, add_special_tokens=False, return_offsets_mapping=True, verbose=False
+            )
         ids: list[int] = encoded["input_ids"][:MAX_SUBWORDS]
         offsets = [tuple(o) for o in encoded["offset_mapping"][:MAX_SUBWORDS]]
         states = np.zeros((len(ids), self.width), dtype=np.float32)
@@ -77,10 +80,11 @@ class TokenEncoder:
                 layers = torch.cat([hidden[k][0, 1:-1] for k in LAYERS], dim=-1)
                 states[start : start + len(window) - 2] = layers.float().numpy()
         result = (offsets, states)  # type: ignore[assignment]
-        if self._cache_size:
-            self._cache[text] = result  # type: ignore[assignment]
-            if len(self._cache) > self._cache_size:
-                self._cache.popitem(last=False)
+        if self._cache_size:  # training re-reads each row once per fold and threshold
+            with self._lock:
+                self._cache[text] = result  # type: ignore[assignment]
+                if len(self._cache) > self._cache_size:
+                    self._cache.popitem(last=False)
         return result  # type: ignore[return-value]
 
     def vectors(self, text: str, spans: list[tuple[int, int]]) -> tuple[np.ndarray, np.ndarray]:

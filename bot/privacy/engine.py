@@ -148,7 +148,8 @@ class DetectionEngine:
         # The dependency parser is the slowest part and nothing here reads its trees.
         if "parser" in nlp.pipe_names:
             nlp.disable_pipe("parser")
-        name_model = load_person_model(config.name_model_path) if config.name_model else None
+        wanted = config.name_model and "PERSON" in config.entities
+        name_model = load_person_model(config.name_model_path) if wanted else None
         self.name_finder = NameFinder(self.gazetteer, config.allow_terms, name_model)
         self.known_names = KnownNamesRecognizer(self.gazetteer, config.allow_terms)
         self.known_names.add(config.known_names)

@@ -17,7 +17,7 @@ import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import cache
+from functools import cache, cached_property
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -98,11 +98,15 @@ def token_features(
         f"names×shape×zipf={names}{spelled}{min(int(zipf), 7)}",
         f"sent_start={bool(token.is_sent_start)}",
     ]
+    # Neighbours skip spaCy's whitespace tokens ("\n"): the training rows are single lines.
+    before = [j for j in range(i - 1, -1, -1) if not tokens[j].is_space][:2]
+    after = [j for j in range(i + 1, len(tokens)) if not tokens[j].is_space][:2]
+    neighbours = {-1: before[:1], -2: before[1:2], 1: after[:1], 2: after[1:2]}
     for offset, prefix in ((-2, "p2"), (-1, "p1"), (1, "n1"), (2, "n2")):
-        j = i + offset
-        if j < 0 or j >= len(tokens):
+        if not neighbours[offset]:
             feats.append(f"{prefix}=edge")
             continue
+        j = neighbours[offset][0]
         if abs(offset) == 1:
             feats += _word_features(prefix, tokens[j], originals[j], gaz, shouting)
             feats.append(f"{prefix}rule={marked[j][1] if j in marked else '-'}")
@@ -118,11 +122,15 @@ class PersonModel:
     threshold: float
     dense: tuple[float, ...] = ()
 
+    @cached_property
+    def _dense_array(self) -> np.ndarray:
+        return np.asarray(self.dense, dtype=np.float32)
+
     def probability(self, features: list[str], dense: np.ndarray | None = None) -> float:
         weights = self.weights
         z = self.bias + sum(weights.get(f, 0.0) for f in features)
         if self.dense and dense is not None and len(dense) == len(self.dense):
-            z += float(np.dot(np.asarray(self.dense, dtype=np.float32), dense))
+            z += float(np.dot(self._dense_array, dense))
         return 1.0 / (1.0 + math.exp(-max(-30.0, min(30.0, z))))
 
     def candidates(
