@@ -170,6 +170,11 @@ class TicketIndex:
         self._snap = snap
         self._numbers = snap.number_to_id()
 
+    def refresh(self) -> None:
+        """Follow the newest snapshot now (``search`` does it too): lets a caller keep the SQL checks and
+        the writer lock off a thread that must not wait on them."""
+        self._refresh()
+
     def _refresh(self, *, force_check: bool = False, progress: bool = False) -> None:
         """Follow the newest published snapshot; repair when it is stale or does not match SQL."""
         with self._lock:

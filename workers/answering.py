@@ -66,8 +66,7 @@ class Answerer:
         self.batcher = Batcher(load=lambda: LanguageModel(settings), max_batch=settings.batch_max)
         self.model = self.batcher.loaded()
         self.index = self.batcher.call(TicketIndex.open, settings=settings, db=db)
-        # Only the embedding forward pass goes to the torch thread: the index's SQL checks and its
-        # writer lock stay on the task's thread, so an ingest elsewhere never stalls the batcher.
+        # Embedding forward passes (also those of a repair) go to the torch thread from any thread.
         self.index.embedder.runner = self.batcher.call
         self._adapter_checked = 0.0
         self._adapter_lock = threading.Lock()
@@ -127,7 +126,10 @@ class Answerer:
         ref = uuid.uuid4().hex[:8]
         query = text[: self.settings.max_message_chars]
         try:
-            result = self.index.search(query, k=self.settings.retrieval_k)
+            # The index's SQL checks and writer lock (an ingest elsewhere may hold it) on this thread;
+            # the search itself (embedding, FAISS: OpenMP too) on the torch thread, then finds it fresh.
+            self.index.refresh()
+            result = self.batcher.call(self.index.search, query, k=self.settings.retrieval_k)
             reply, hits, hours = self._write(query, turns, result)
             if truncated:
                 reply = texts.TRUNCATED_NOTE.format(limit=self.settings.max_message_chars) + "\n\n" + reply

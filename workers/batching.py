@@ -10,12 +10,12 @@ after a batch, each worker thread stores its reply, takes its next task and runs
 asks again. The loop therefore waits a little for stragglers, longer when the last batch was large and
 slow (they are surely coming, and a straggler missed now waits a whole batch), not at all for a lone user.
 
-The loop's thread is also the answer path's only torch thread: the model is loaded there and other torch
-work (retrieval's embedding forward pass, adapter swaps) is handed to it with ``call``. Every Python
-thread that runs a parallel torch op gets its own OpenMP team, and once a process holds more OpenMP
-threads than cores, libgomp stops spin-waiting between ops: generation on a second thread was 1.15x
-slower (``python -m bench.torch_threads``). One exception remains: the periodic export's anonymizer
-scrub (light queue) runs MiniLM on its task thread; it is rare and short.
+The loop's thread is also the answer path's only torch thread: the model is loaded there, and other
+OpenMP work (retrieval's search: embedding and FAISS; adapter swaps) is handed to it with ``call``.
+Every Python thread that runs a parallel op gets its own OpenMP team, and once a process holds more
+OpenMP threads than cores, libgomp stops spin-waiting between ops: generation on a second thread was
+1.15x slower (``python -m bench.torch_threads``). One exception remains: the periodic export's
+anonymizer scrub (light queue) runs MiniLM on its task thread; it is rare and short.
 """
 
 from __future__ import annotations
