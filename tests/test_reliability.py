@@ -692,21 +692,29 @@ def test_redis_restart_mid_run_loses_nothing(tmp_path, restartable_redis):
         time.sleep(1)
         from workers.status import queue_depths
 
-        waiting = queue_depths(settings)["answer"]
-        restartable_redis.stop()
+        # The worker is paused across the outage so what redis holds can be counted exactly: a thread
+        # that finishes meanwhile would take the next task and blur the check of the append-only file.
+        # It still meets a dead connection when it goes on.
+        os.kill(worker.proc.pid, signal.SIGSTOP)
+        try:
+            waiting = queue_depths(settings)["answer"]
+            assert waiting > 0
+            restartable_redis.stop()
 
-        # While the broker is down a question still arrives: intake stores it and says the broker is away.
-        with pytest.raises(BrokerUnavailable):
-            ask(intake, QUESTIONS[1], event="restart-during")
-        with db.session() as session:
-            during = session.scalar(
-                select(Message).where(Message.idempotency_key == "console:restart-during")
-            )
-            assert during is not None and during.status == MessageStatus.received
-            ids.append(during.id)
-        time.sleep(3)
-        restartable_redis.start()
-        assert queue_depths(settings)["answer"] == waiting  # the append-only file kept what was queued
+            # While the broker is down a question still arrives: intake stores it and says the broker is away.
+            with pytest.raises(BrokerUnavailable):
+                ask(intake, QUESTIONS[1], event="restart-during")
+            with db.session() as session:
+                during = session.scalar(
+                    select(Message).where(Message.idempotency_key == "console:restart-during")
+                )
+                assert during is not None and during.status == MessageStatus.received
+                ids.append(during.id)
+            time.sleep(3)
+            restartable_redis.start()
+            assert queue_depths(settings)["answer"] == waiting  # the append-only file kept what was queued
+        finally:
+            os.kill(worker.proc.pid, signal.SIGCONT)
 
         ids.append(ask(intake, QUESTIONS[5], event="restart-after").message_id)
         wait_answered(db, ids, worker=worker)
