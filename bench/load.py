@@ -116,43 +116,6 @@ def _worker_env(settings, metrics_port: int, torch_threads: int) -> dict[str, st
     return env
 
 
-class RedisServer:
-    def __init__(self, folder: Path) -> None:
-        self.port = _free_port()
-        self.proc = subprocess.Popen(
-            [
-                "redis-server",
-                "--port",
-                str(self.port),
-                "--bind",
-                "127.0.0.1",
-                "--dir",
-                str(folder),
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.5).close()
-                return
-            except OSError:
-                time.sleep(0.1)
-        raise RuntimeError("redis-server did not start")
-
-    def url(self, db: int) -> str:
-        return f"redis://127.0.0.1:{self.port}/{db}"
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(10)
-
-
 def _wait_ready(db, proc: subprocess.Popen[bytes], name: str, log: Path, timeout: float = 600) -> None:  # type: ignore[no-untyped-def]
     from sqlalchemy import select
 
@@ -371,6 +334,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.broker == "redis" and not shutil.which("redis-server"):
         raise SystemExit("redis-server is not installed (apt-get install redis-server) or use --broker file")
     with tempfile.TemporaryDirectory(prefix="supportbot-load-") as tmp:
+        from tests.conftest import RedisServer
+
         redis_server = RedisServer(Path(tmp)) if use_redis else None
         results = []
         try:

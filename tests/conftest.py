@@ -66,22 +66,44 @@ def env(settings: Settings, db: Database) -> tuple[Settings, Database]:
     return settings, db
 
 
+class RedisServer:
+    """A private redis-server on a free port (tests, benchmarks). ``durable``: an append-only file synced on
+    every write, so a stop and start keeps what was queued."""
+
+    def __init__(self, folder: Path, *, durable: bool = False) -> None:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            raise RuntimeError("redis-server is not installed (apt-get install redis-server; .ci/run does this)")
+        self.port = free_port()
+        self.argv = [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(folder), "--save", ""]
+        self.argv += ["--appendonly", "yes", "--appendfsync", "always"] if durable else ["--appendonly", "no"]
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.start()
+
+    def url(self, db: int = 0) -> str:
+        return f"redis://127.0.0.1:{self.port}/{db}"
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(self.argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        _wait_port(self.port)
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()  # SIGTERM: a normal shutdown, redis flushes its append-only file
+            self.proc.wait(30)
+
+
+def need_redis_server() -> None:
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server is not installed (apt-get install redis-server; .ci/run does this)")
+
+
 @pytest.fixture(scope="session")
 def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    binary = shutil.which("redis-server")
-    if binary is None:
-        pytest.skip("redis-server is not installed (apt-get install redis-server; .ci/run does this)")
-    port = free_port()
-    folder = tmp_path_factory.mktemp("redis")
-    proc = subprocess.Popen(
-        [binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(folder), "--save", "", "--appendonly", "no"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    _wait_port(port)
-    yield f"redis://127.0.0.1:{port}/0"
-    proc.terminate()
-    proc.wait(10)
+    need_redis_server()
+    server = RedisServer(tmp_path_factory.mktemp("redis"))
+    yield server.url()
+    server.stop()
 
 
 def _wait_port(port: int, timeout: float = 20.0) -> None:

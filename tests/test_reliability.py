@@ -8,7 +8,6 @@ kill -9 of a worker mid-answer, a redis-server stopped and started mid-run, ever
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -27,7 +26,15 @@ from core.errors import BrokerUnavailable, GenerationTimeout
 from core.schema import Message, MessageRole, MessageStatus, WorkerHeartbeat
 from core.settings import Settings, load_settings
 from core.types import Inbound
-from tests.conftest import ROOT, WorkerProcess, _wait_port, free_port, seed_tickets, settings_env
+from tests.conftest import (
+    ROOT,
+    RedisServer,
+    WorkerProcess,
+    free_port,
+    need_redis_server,
+    seed_tickets,
+    settings_env,
+)
 
 PRINTER = "Our printer keeps jamming on every page and shows error E-502. What should I do?"
 QUESTIONS = [
@@ -636,43 +643,10 @@ def test_kill_9_mid_answer_every_message_answered_exactly_once(tmp_path, redis_u
 
 @pytest.fixture
 def restartable_redis(tmp_path):
-    binary = shutil.which("redis-server")
-    if binary is None:
-        pytest.skip("redis-server is not installed (apt-get install redis-server; .ci/run does this)")
-    port = free_port()
+    need_redis_server()
     folder = tmp_path / "redis"
     folder.mkdir()
-    argv = [
-        binary,
-        "--port",
-        str(port),
-        "--bind",
-        "127.0.0.1",
-        "--dir",
-        str(folder),
-        "--save",
-        "",
-        "--appendonly",
-        "yes",
-        "--appendfsync",
-        "always",
-    ]
-
-    class Server:
-        url = f"redis://127.0.0.1:{port}/0"
-        proc: subprocess.Popen[bytes] | None = None
-
-        def start(self) -> None:
-            self.proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            _wait_port(port)
-
-        def stop(self) -> None:
-            if self.proc and self.proc.poll() is None:
-                self.proc.send_signal(signal.SIGTERM)  # a normal restart: redis flushes its append-only file
-                self.proc.wait(30)
-
-    server = Server()
-    server.start()
+    server = RedisServer(folder, durable=True)
     yield server
     server.stop()
 
@@ -681,7 +655,7 @@ def restartable_redis(tmp_path):
 @pytest.mark.slow
 def test_redis_restart_mid_run_loses_nothing(tmp_path, restartable_redis):
     settings, db = make_stack(
-        tmp_path, broker_url=restartable_redis.url, visibility_timeout_s=10, sweep_after_s=8, sweep_every_s=2
+        tmp_path, broker_url=restartable_redis.url(), visibility_timeout_s=10, sweep_after_s=8, sweep_every_s=2
     )
     # Two threads for five questions: some wait in redis' queue when it goes down and must survive it.
     worker = ChaosWorker(settings, name="survivor", concurrency=2, beat=True)
