@@ -8,6 +8,7 @@ from typing import Any
 
 from sqlalchemy import (
     JSON,
+    Boolean,
     DateTime,
     Enum,
     Float,
@@ -17,6 +18,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    false,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
@@ -141,6 +143,11 @@ class Message(Base):
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     error: Mapped[str | None] = mapped_column(Text)
     meta: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    # Columns, not meta keys, so that status and metrics count them with plain SQL on any database.
+    # fallback: the model's text was replaced by a ticket's repair text (the model earned no credit).
+    fallback: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    # flagged: the output check removed something (an address, link or number nobody gave us).
+    flagged: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
 
     conversation: Mapped[Conversation] = relationship(back_populates="messages")
 
@@ -170,6 +177,23 @@ class Ticket(Base):
     content_hash: Mapped[str] = mapped_column(String(64), default="")
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, onupdate=utcnow)
+
+
+class QuarantinedTicket(Base):
+    """A ticket whose text reads like instructions to an assistant: stored (anonymized), never indexed,
+    cited or exported until an admin releases it (``supportbot tickets release``)."""
+
+    __tablename__ = "quarantined_tickets"
+
+    id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    title: Mapped[str] = mapped_column(Text, default="")
+    machine: Mapped[str] = mapped_column(Text, default="")
+    condition: Mapped[str] = mapped_column(Text, default="")
+    work_performed: Mapped[str] = mapped_column(Text, default="")
+    hours: Mapped[float | None] = mapped_column(Float)
+    source: Mapped[str] = mapped_column(String(50), default="import")
+    reasons: Mapped[list[Any]] = mapped_column(JSON, default=list)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
 class Escalation(Base):
