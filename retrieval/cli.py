@@ -27,9 +27,19 @@ def register(groups: Groups) -> None:
     p.add_argument("file", type=Path)
     p.add_argument("--map", action="append", default=[], metavar="SOURCE=FIELD",
                    help="read column SOURCE as our FIELD (id, title, machine, condition, work_performed, hours)")
-    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument("--json", action="store_true", help="print the report, row by row, as JSON")
+    p.add_argument("--strict", action="store_true",
+                   help="store nothing unless every row is a clean add or update (no rejected, duplicate, "
+                        "cut, masked or quarantined row)")
 
-    p = add(groups, "tickets", "delete", _delete, "Delete tickets by id (SQL and index)")
+    p = add(groups, "tickets", "delete", _delete, "Delete tickets by id (SQL, index and quarantine)")
+    p.add_argument("ids", nargs="+")
+
+    p = add(groups, "tickets", "quarantine", _quarantine,
+            "List tickets held aside because they read like instructions to an assistant")
+    p.add_argument("--json", action="store_true")
+
+    p = add(groups, "tickets", "release", _release, "Release quarantined tickets into the index (admin)")
     p.add_argument("ids", nargs="+")
 
     p = add(groups, "tickets", "reindex", _reindex, "Rebuild the search index from SQL")
@@ -91,35 +101,101 @@ def _ingest(args: argparse.Namespace, settings: Settings) -> int:
 
     try:
         report = ingest_file(settings=settings, db=_open(settings), path=args.file,
-                             mapping=parse_mapping(args.map), progress=sys.stderr.isatty())
+                             mapping=parse_mapping(args.map), progress=sys.stderr.isatty(), strict=args.strict)
     except SupportbotError as err:
         return _fail(err)
-    for problem in report.skipped[:50]:
-        print(f"{args.file}:{problem.line}: skipped: {problem.reason}", file=sys.stderr)
-    if len(report.skipped) > 50:
-        print(f"... and {len(report.skipped) - 50} more skipped rows", file=sys.stderr)
-    summary = report.summary()
     if args.json:
-        print(json.dumps(summary))
+        print(json.dumps(report.details()))
     else:
-        print(
-            f"{summary['added']} added, {summary['updated']} updated, {summary['unchanged']} unchanged, "
-            f"{summary['skipped']} skipped; index {'up to date' if report.indexed else 'STALE: ' + str(report.index_error)}"
-        )
+        _print_rows(args.file, report)
+    if not report.stored:
+        print(f"error: no ticket from {args.file} was stored", file=sys.stderr)
+        return 1
     return 0 if report.indexed else 1
 
 
+def _print_rows(path: Path, report: Any) -> None:
+    """One line per row that was not a plain add or update (at most 50 per kind), then the totals."""
+    kinds = [
+        ("rejected", [(e.line, e.reason) for e in report.skipped]),
+        ("duplicate id", [(n.line, f"{n.id}: {n.detail}") for n in report.duplicate_rows]),
+        ("cut to the stored limit", [(n.line, f"{n.id}: {n.detail}") for n in report.truncated]),
+        ("masked", [(n.line, f"{n.id}: {n.detail}") for n in report.masked]),
+        ("quarantined", [(n.line, f"{n.id}: {n.detail}") for n in report.quarantined]),
+    ]
+    for kind, rows in kinds:
+        for line, detail in rows[:50]:
+            print(f"{path}:{line}: {kind}: {detail}", file=sys.stderr)
+        if len(rows) > 50:
+            print(f"... and {len(rows) - 50} more {kind} rows", file=sys.stderr)
+    s = report.summary()
+    if report.indexed:
+        index = "index up to date"
+    elif report.index_error:
+        index = f"index STALE: {report.index_error} (run `supportbot tickets reindex`)"
+    else:
+        index = "index unchanged"
+    print(
+        f"{s['added']} added, {s['updated']} updated, {s['unchanged']} unchanged, {s['skipped']} rejected, "
+        f"{s['duplicates']} duplicate ids, {s['truncated_fields']} fields cut, {s['masked_fields']} fields masked, "
+        f"{s['quarantined']} quarantined; {index}"
+    )
+    if s["quarantined"]:
+        print("quarantined tickets are not searchable; review them with `supportbot tickets quarantine`",
+              file=sys.stderr)
+
+
 def _delete(args: argparse.Namespace, settings: Settings) -> int:
+    from core.schema import QuarantinedTicket
+    from retrieval import store
     from retrieval.search import TicketIndex
 
     try:
-        index = TicketIndex.open(settings=settings, db=_open(settings))
+        db = _open(settings)
+        with db.session() as session:
+            held = store.delete_tickets(session=session, ids=args.ids, table=QuarantinedTicket)
+        index = TicketIndex.open(settings=settings, db=db)
         deleted = index.delete(ids=args.ids)
     except SupportbotError as err:
         return _fail(err)
-    missing = sorted(set(args.ids) - set(deleted))
-    print(f"deleted {len(deleted)}" + (f"; not found: {', '.join(missing)}" if missing else ""))
+    missing = sorted(set(args.ids) - set(deleted) - set(held))
+    print(f"deleted {len(deleted)}" + (f" and {len(held)} quarantined" if held else "")
+          + (f"; not found: {', '.join(missing)}" if missing else ""))
     return 0
+
+
+def _quarantine(args: argparse.Namespace, settings: Settings) -> int:
+    from retrieval import store
+
+    with _open(settings).session() as session:
+        rows = store.quarantined(session=session)
+    if args.json:
+        print(json.dumps([{"id": t.id, "reasons": reasons, "title": t.title, "work_performed": t.work_performed}
+                          for t, reasons in rows]))
+        return 0
+    if not rows:
+        print("no quarantined tickets")
+    for ticket, reasons in rows:
+        print(f"{ticket.id}\t{', '.join(reasons)}\t{(ticket.title or ticket.work_performed)[:80]}")
+    return 0
+
+
+def _release(args: argparse.Namespace, settings: Settings) -> int:
+    from retrieval import store
+    from retrieval.search import TicketIndex
+
+    db = _open(settings)
+    try:
+        with db.session() as session:
+            outcome = store.release_quarantined(session=session, ids=args.ids)
+        released = outcome.added + outcome.updated + outcome.unchanged
+        if outcome.changed:
+            TicketIndex.open(settings=settings, db=db)  # opening reconciles the index with SQL
+    except SupportbotError as err:
+        return _fail(err)
+    missing = sorted(set(args.ids) - set(released))
+    print(f"released {len(released)} into the index" + (f"; not quarantined: {', '.join(missing)}" if missing else ""))
+    return 1 if missing else 0
 
 
 def _reindex(args: argparse.Namespace, settings: Settings) -> int:

@@ -26,7 +26,7 @@ import threading
 import time
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -40,6 +40,9 @@ from retrieval.dense import DenseIndex
 from retrieval.embedder import Embedder, load_embedder
 from retrieval.lexical import LexicalIndex, code_tokens, tokenize
 from retrieval.store import TicketIn
+
+if TYPE_CHECKING:
+    from retrieval.ingest import Anonymize
 
 log = logging.getLogger(__name__)
 
@@ -381,12 +384,20 @@ class TicketIndex:
             return self.reconcile(progress=progress)
 
     # -- the API the worker uses -----------------------------------------------------------------
-    def upsert(self, *, tickets: Iterable[Mapping[str, Any] | Ticket | TicketIn], source: str = "technician") -> list[str]:
-        """Add or update tickets in SQL (one transaction), then in the index. Returns the changed ids."""
+    def upsert(self, *, tickets: Iterable[Mapping[str, Any] | Ticket | TicketIn], source: str = "technician",
+               anonymize: Anonymize | None = None) -> list[str]:
+        """Add or update tickets in SQL (one transaction), then in the index. Returns the changed ids.
+
+        A technician's resolution is untrusted text like any ticket: it is anonymized and screened
+        here, and one that reads like instructions to an assistant is quarantined, not indexed."""
+        from retrieval.ingest import screen_ticket, store_screened, ticket_anonymizer
+
         max_chars = self.settings.max_stored_chars
         valid = [store.validate_ticket(t, max_chars=max_chars, source=source) for t in tickets]
+        anonymize = anonymize or ticket_anonymizer(self.settings)
+        screened = [screen_ticket(t, anonymize) for t in valid]
         with self.db.session() as session:
-            outcome = store.upsert_tickets(session=session, tickets=valid)
+            outcome = store_screened(session=session, screened=screened)
         if outcome.changed:
             self.index_changes(changed=outcome.changed, removed=[])
         return outcome.changed

@@ -16,7 +16,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from core.errors import InputError
-from core.schema import Ticket
+from core.schema import QuarantinedTicket, Ticket
 
 TEXT_FIELDS = ("title", "machine", "condition", "work_performed")
 # The fields that describe a problem (what an employee would say) versus its resolution.
@@ -162,21 +162,67 @@ def upsert_tickets(*, session: Session, tickets: Iterable[TicketIn]) -> UpsertOu
             row.content_hash = digest
             outcome.updated.append(ticket_id)
     session.flush()
+    # A clean version supersedes a quarantined one with the same id.
+    delete_tickets(session=session, ids=list(by_id), table=QuarantinedTicket)
     return outcome
 
 
-def delete_tickets(*, session: Session, ids: Iterable[str]) -> list[str]:
+def delete_tickets(*, session: Session, ids: Iterable[str], table: type[Ticket] | type[QuarantinedTicket] = Ticket) -> list[str]:
     """Delete by id; returns the ids that existed."""
     wanted = list(dict.fromkeys(ids))
     deleted: list[str] = []
     for start in range(0, len(wanted), 500):
         chunk = wanted[start : start + 500]
-        rows = list(session.scalars(select(Ticket).where(Ticket.id.in_(chunk))))
+        rows = list(session.scalars(select(table).where(table.id.in_(chunk))))
         for row in rows:
             session.delete(row)
             deleted.append(row.id)
     session.flush()
     return deleted
+
+
+# Quarantine: tickets that read like instructions to an assistant (core/trust.py). They live in their own
+# table, so nothing that reads ``tickets`` (the index, citations, the export) can pick one up by mistake.
+
+
+def quarantine_tickets(*, session: Session, tickets: Iterable[tuple[TicketIn, list[str]]]) -> list[str]:
+    """Store (anonymized) tickets aside with the reasons; a ticket already in the index keeps its old,
+    trusted version there until an admin releases the new one."""
+    ids: list[str] = []
+    for ticket, reasons in tickets:
+        row = session.get(QuarantinedTicket, ticket.id)
+        if row is None:
+            row = QuarantinedTicket(id=ticket.id)
+            session.add(row)
+        row.title, row.machine, row.condition = ticket.title, ticket.machine, ticket.condition
+        row.work_performed, row.hours, row.source = ticket.work_performed, ticket.hours, ticket.source
+        row.reasons = list(reasons)
+        ids.append(ticket.id)
+    session.flush()
+    return ids
+
+
+def quarantined(*, session: Session, limit: int | None = None) -> list[tuple[TicketIn, list[str]]]:
+    query = select(QuarantinedTicket).order_by(QuarantinedTicket.created_at, QuarantinedTicket.id)
+    if limit is not None:
+        query = query.limit(limit)
+    return [
+        (
+            TicketIn(id=row.id, title=row.title or "", machine=row.machine or "", condition=row.condition or "",
+                     work_performed=row.work_performed or "", hours=row.hours, source=row.source or "import"),
+            list(row.reasons or []),
+        )
+        for row in session.scalars(query)
+    ]  # fmt: skip
+
+
+def release_quarantined(*, session: Session, ids: Iterable[str]) -> UpsertOutcome:
+    """An admin vouches for these tickets: they move into the ticket store (the caller indexes them)."""
+    wanted = set(ids)
+    chosen = [ticket for ticket, _ in quarantined(session=session) if ticket.id in wanted]
+    outcome = upsert_tickets(session=session, tickets=chosen)
+    delete_tickets(session=session, ids=[t.id for t in chosen], table=QuarantinedTicket)
+    return outcome
 
 
 def get_tickets(*, session: Session, ids: list[str]) -> dict[str, TicketIn]:

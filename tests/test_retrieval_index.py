@@ -132,7 +132,7 @@ def test_cli_seed_reindex_and_eval(env, capsys):
     scores = json.loads(capsys.readouterr().out)
     assert scores["n"] == 6 and scores["recall@5"] >= 0.8
     assert run("tickets", "ingest", str(FIXTURES / "retrieval_bad.jsonl")) == 0
-    assert "retrieval_bad.jsonl:2: skipped: invalid JSON" in capsys.readouterr().err
+    assert "retrieval_bad.jsonl:2: rejected: invalid JSON" in capsys.readouterr().err
 
 
 def test_evaluate_uses_a_temporary_store(env):
