@@ -16,6 +16,7 @@ from datetime import datetime, timedelta, timezone
 from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 
+from bot.privacy.config import char_limit
 from core import texts
 from core.conversations import (
     find_by_idempotency_key,
@@ -32,6 +33,8 @@ from core.types import Inbound
 log = logging.getLogger(__name__)
 
 RULES_VERSION = "supportbot-rules"
+# Input is binary when more than this share of its visible characters are control bytes or undecodable.
+BINARY_SHARE = 0.30
 
 
 @dataclass(frozen=True)
@@ -42,24 +45,31 @@ class Receipt:
     # Set when intake answered by itself (empty, binary, held) and nothing was queued.
     immediate_reply: str | None = None
     queued: bool = False
+    # The message was longer than privacy_max_chars: only its start was anonymized and stored.
+    truncated: bool = False
 
 
 def clean_text(raw: str | bytes) -> tuple[str, str | None]:
-    """Normalize raw input. Returns (text, problem) where problem is "empty", "binary" or None."""
+    """Normalize raw input. Returns (text, problem) where problem is "empty", "binary" or None.
+
+    Binary means mostly not text: a few NUL or control bytes among words ("printer\0 jams") are
+    dropped and the words kept.
+    """
     if isinstance(raw, bytes):
         raw = raw.decode("utf-8", errors="replace")
     if not raw or not raw.strip():
         return "", "empty"
-    sample = raw[:4096]
+    sample = raw[:65_536]
     bad = sum(
         1
         for ch in sample
         if ch == "\ufffd" or (unicodedata.category(ch) in ("Cc", "Cs", "Co", "Cn") and ch not in "\n\r\t")
     )
-    if bad / len(sample) > 0.10:
+    visible = sum(1 for ch in sample if not ch.isspace())
+    if bad > BINARY_SHARE * max(visible, 1):
         return "", "binary"
-    # Drop stray control characters (NUL would also break PostgreSQL text columns).
-    text = "".join(ch for ch in raw if ch in "\n\r\t" or unicodedata.category(ch) != "Cc")
+    # Drop stray control characters (NUL would also break PostgreSQL text columns) and lone surrogates.
+    text = "".join(ch for ch in raw if ch in "\n\r\t" or unicodedata.category(ch) not in ("Cc", "Cs"))
     text = text.replace("\ufffd", "")
     return (text, None) if text.strip() else ("", "empty")
 
@@ -94,9 +104,11 @@ class Intake:
                     return Receipt(seen.id, seen.conversation_id, duplicate=True)
 
         text, problem = clean_text(inbound.text)
-        truncated = len(text) > self.settings.max_stored_chars
+        # Anonymization time grows with length: one message gets a hard bound (bot/privacy/config.py).
+        limit = char_limit(self.settings)
+        truncated = len(text) > limit
         if truncated:
-            text = text[: self.settings.max_stored_chars]
+            text = text[:limit]
         scope = f"{inbound.platform}:{inbound.channel}:{inbound.thread}"
         held_reason = None
         if not problem:
@@ -159,7 +171,7 @@ class Intake:
                 message.error = held_reason or problem  # store_reply cleared it; keep the reason
                 if held_reason:
                     message.status = MessageStatus.held
-            receipt = Receipt(message.id, conversation.id, immediate_reply=immediate)
+            receipt = Receipt(message.id, conversation.id, immediate_reply=immediate, truncated=truncated)
 
         if immediate is not None:
             return receipt
@@ -172,7 +184,7 @@ class Intake:
             row = session.get(Message, receipt.message_id)
             if row is not None and row.status == MessageStatus.received:
                 row.status = MessageStatus.queued
-        return Receipt(receipt.message_id, receipt.conversation_id, queued=True)
+        return Receipt(receipt.message_id, receipt.conversation_id, queued=True, truncated=truncated)
 
     def _over_rate_limit(self, session, user_id: int) -> bool:  # type: ignore[no-untyped-def]
         limit = self.settings.rate_limit_per_minute

@@ -48,6 +48,9 @@ class Settings(BaseSettings):
     # Input limits
     max_message_chars: int = Field(4000, ge=100, description="Longer messages are cut to this before the model")
     max_stored_chars: int = Field(100_000, description="Longer inputs are cut before storing")
+    privacy_max_chars: int = Field(
+        8_000, ge=100, description="Longer inputs are cut to this before anonymizing and storing (bounded time)"
+    )
 
     # Workers
     rate_limit_per_minute: int = Field(20, ge=0, description="Questions one user may ask per minute; 0 is no limit")

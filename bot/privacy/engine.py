@@ -11,12 +11,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from bot.privacy.config import CODE_LIKE, DEFAULT_ENTITIES, PrivacyConfig
+from bot.privacy.secrets import SECRET, find_secrets
 from core.errors import PrivacyError
 
 # Types whose recognizers validate their own matches (checksums, formats); the allow-list never drops them.
 STRUCTURED = frozenset(DEFAULT_ENTITIES) - {"PERSON"}
 PLACEHOLDER = re.compile(r"<[A-Z][A-Z_]*?(?:_\d+)?>")
-CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f\ud800-\udfff]")
 CODE_TOKEN = re.compile(rf"(?<![\w-]){CODE_LIKE}(?![\w-])")
 
 SPACY_LABELS_IGNORED = [
@@ -64,11 +64,6 @@ class Detection:
     start: int
     end: int
     score: float
-
-
-def sanitize(text: str) -> str:
-    """Control characters and lone surrogates become spaces: same length, safe for spaCy and databases."""
-    return CONTROL.sub(" ", text)
 
 
 def chunks(text: str, size: int) -> Iterator[tuple[int, str]]:
@@ -132,6 +127,7 @@ class DetectionEngine:
             LooseIbanRecognizer,
             OfflineEmailRecognizer,
         )
+        from bot.privacy.scripts import ScriptNameFinder, load_script_names
 
         config = self.config
         self.gazetteer = load_gazetteer()
@@ -151,6 +147,7 @@ class DetectionEngine:
         wanted = config.name_model and "PERSON" in config.entities
         name_model = load_person_model(config.name_model_path) if wanted else None
         self.name_finder = NameFinder(self.gazetteer, config.allow_terms, name_model)
+        self.script_names = ScriptNameFinder(load_script_names())
         self.known_names = KnownNamesRecognizer(self.gazetteer, config.allow_terms)
         self.known_names.add(config.known_names)
         recognizers: list[Any] = [
@@ -184,7 +181,7 @@ class DetectionEngine:
         self.known_names.add(names)
 
     def detect(self, text: str) -> list[Detection]:
-        """Sensitive spans of ``text`` (already capped and sanitized), sorted, without overlaps."""
+        """Sensitive spans of ``text`` (already capped and normalized), sorted, without overlaps."""
         from bot.privacy.names import truecase
 
         found: list[Detection] = []
@@ -196,13 +193,17 @@ class DetectionEngine:
                 results = self.analyzer.analyze(
                     text=piece,
                     language="en",
-                    entities=list(self.config.entities),
+                    entities=[e for e in self.config.entities if e != SECRET],  # secrets: find_secrets
                     nlp_artifacts=artifacts,
                     score_threshold=self.config.score_threshold,
                 )
                 found += [
                     Detection(r.entity_type, r.start + offset, r.end + offset, r.score) for r in results
                 ]
+        if SECRET in self.config.entities:
+            found += [Detection(SECRET, start, end, 1.0) for start, end in find_secrets(text)]
+        if "PERSON" in self.config.entities:
+            found += [Detection("PERSON", start, end, 0.85) for start, end in self.script_names.find(text)]
         return self._clean(text, found)
 
     def _clean(self, text: str, found: list[Detection]) -> list[Detection]:
@@ -220,11 +221,13 @@ class DetectionEngine:
         for d in found:
             if d.end <= d.start or overlaps(d, protected):
                 continue
+            # STRUCTURED includes SECRET: a token that looks like a part number is still a key.
             if d.type not in STRUCTURED and (overlaps(d, allowed) or overlaps(d, codes)):
                 continue  # product names, model numbers and error codes are never people
             kept.append(d)
-        # Overlaps: validated types first, then the longer span, then the higher score.
-        kept.sort(key=lambda d: (d.type not in STRUCTURED, -(d.end - d.start), -d.score))
+        # Overlaps: secrets first (a password that looks like a name, a URL or an email inside a
+        # connection string), then validated types, then the longer span, then the higher score.
+        kept.sort(key=lambda d: (d.type != SECRET, d.type not in STRUCTURED, -(d.end - d.start), -d.score))
         chosen: list[Detection] = []
         for d in kept:
             if not any(d.start < c.end and c.start < d.end for c in chosen):

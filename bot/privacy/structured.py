@@ -80,7 +80,7 @@ def find_long_numbers(text: str) -> list[Span]:
 
 
 class StructuredRedactor:
-    """Emails, IPs, IBANs, phone/card numbers, @handles, badge ids, internal hosts and member names."""
+    """Secrets, emails, IPs, IBANs, phone/card numbers, @handles, badge ids, internal hosts and member names."""
 
     def __init__(self, extra_patterns: Iterable[tuple[str, str]] = ()) -> None:
         self.extra = [(kind, re.compile(pattern, re.IGNORECASE)) for kind, pattern in extra_patterns]
@@ -90,6 +90,10 @@ class StructuredRedactor:
         self.known_names = patterns
 
     def find(self, text: str) -> list[Span]:
+        from bot.privacy.secrets import SECRET, find_secrets
+
+        # Credentials first: they win any overlap (an email inside a connection string).
+        secrets: list[Span] = [(SECRET, start, end) for start, end in find_secrets(text)]
         spans: list[Span] = [("EMAIL_ADDRESS", *m.span()) for m in EMAIL.finditer(text)]
         spans += [("IP_ADDRESS", *m.span()) for m in IPV4.finditer(text)]
         spans += [("IP_ADDRESS", *m.span()) for m in IPV6.finditer(text)]
@@ -104,7 +108,7 @@ class StructuredRedactor:
             spans += [("PERSON", *m.span()) for m in names.finditer(text)]
         # Longest first wins an overlap.
         spans.sort(key=lambda s: (-(s[2] - s[1]), s[1]))
-        chosen: list[Span] = []
+        chosen: list[Span] = list(secrets)
         for span in spans:
             if span[2] > span[1] and not any(span[1] < c[2] and c[1] < span[2] for c in chosen):
                 chosen.append(span)
