@@ -172,21 +172,20 @@ def cmd_ask(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_slack(args: argparse.Namespace, settings: Settings) -> int:
-    from bot.slack import build_app, member_names
+    from bot.slack import serve
 
     db = _database(settings)
-    intake = make_intake(settings, db)
-    app = build_app(settings=settings, intake=intake)
-    intake.known_names(member_names(app.client))
-    app.start(port=args.port)
+    # Socket Mode when SUPPORTBOT_SLACK_APP_TOKEN is set; otherwise the HTTP Events API on --port.
+    serve(settings=settings, intake=make_intake(settings, db), port=args.port)
     return 0
 
 
 def cmd_telegram(args: argparse.Namespace, settings: Settings) -> int:
-    from bot.telegram import build_application
+    from bot.telegram import serve
 
     db = _database(settings)
-    build_application(settings=settings, intake=make_intake(settings, db)).run_polling()
+    # A webhook when SUPPORTBOT_TELEGRAM_WEBHOOK_URL is set; otherwise long polling.
+    serve(settings=settings, intake=make_intake(settings, db))
     return 0
 
 

@@ -129,7 +129,7 @@ class Console:
         self.last_reply_id: int | None = None
 
     def send(self, text: str | bytes) -> Receipt:
-        return self.intake.receive(
+        receipt = self.intake.receive(
             Inbound(
                 platform=PLATFORM,
                 channel="console",
@@ -139,6 +139,15 @@ class Console:
                 event_id=uuid.uuid4().hex,
             )
         )
+        # A --thread that another user started gives this user a conversation of their own beside it
+        # (core.conversations): follow that one, so later turns, ratings and /escalate stay in it.
+        from core.schema import Conversation
+
+        with self.db.session() as session:
+            conversation = session.get(Conversation, receipt.conversation_id)
+            if conversation is not None:
+                self.thread = conversation.thread
+        return receipt
 
     def wait(self, receipt: Receipt, *, timeout_s: float | None = None) -> Reply:
         deadline = time.monotonic() + (timeout_s or self.settings.answer_wait_s)

@@ -25,13 +25,32 @@ def get_or_create_user(*, session: Session, platform: str, external_id: str, rol
     return user
 
 
+OWNER_SEPARATOR = "#u"  # a thread named by someone other than its owner gets this suffix and their user id
+
+
+def platform_thread(thread: str) -> str:
+    """The platform's thread of a conversation key (a non-owner's conversation adds a suffix to it)."""
+    return thread.split(OWNER_SEPARATOR, 1)[0]
+
+
 def get_or_create_conversation(
     *, session: Session, platform: str, channel: str, thread: str, user_id: int | None
 ) -> Conversation:
+    """The conversation of ``user_id`` at this place. A conversation belongs to the user who started it:
+    anyone else naming the same thread (a colleague posting in a Slack thread, a console ``--thread``)
+    gets a conversation of their own beside it, so nobody's history ever reaches another's prompt."""
     query = select(Conversation).where(
         Conversation.platform == platform, Conversation.channel == channel, Conversation.thread == thread
     )
     conversation = session.scalar(query)
+    if conversation is not None and user_id is not None and conversation.user_id not in (None, user_id):
+        return get_or_create_conversation(
+            session=session,
+            platform=platform,
+            channel=channel,
+            thread=f"{platform_thread(thread)}{OWNER_SEPARATOR}{user_id}",
+            user_id=user_id,
+        )
     if conversation is None:
         conversation = Conversation(platform=platform, channel=channel, thread=thread, user_id=user_id)
         try:
@@ -39,7 +58,77 @@ def get_or_create_conversation(
                 session.add(conversation)
         except IntegrityError:
             conversation = session.scalars(query).one()
+            if user_id is not None and conversation.user_id not in (None, user_id):
+                return get_or_create_conversation(
+                    session=session, platform=platform, channel=channel, thread=thread, user_id=user_id
+                )
     return conversation
+
+
+def conversation_exists(*, session: Session, platform: str, channel: str, thread: str) -> bool:
+    """Whether the bot takes part in this platform thread (someone asked it something there)."""
+    return (
+        session.scalar(
+            select(Conversation.id).where(
+                Conversation.platform == platform, Conversation.channel == channel, Conversation.thread == thread
+            )
+        )
+        is not None
+    )
+
+
+def latest_conversation(*, session: Session, platform: str, channel: str, user_id: int) -> Conversation | None:
+    return session.scalar(
+        select(Conversation)
+        .where(Conversation.platform == platform, Conversation.channel == channel, Conversation.user_id == user_id)
+        .order_by(Conversation.id.desc())
+        .limit(1)
+    )
+
+
+def last_activity(*, session: Session, conversation: Conversation) -> datetime:
+    """When anything last happened in a conversation (its newest message, else its creation)."""
+    newest = session.scalar(
+        select(Message.created_at)
+        .where(Message.conversation_id == conversation.id)
+        .order_by(Message.id.desc())
+        .limit(1)
+    )
+    return as_utc(newest or conversation.created_at)
+
+
+def messages_with_ref(
+    *, session: Session, platform: str, channel: str, ref: str, key: str = "ref", role: MessageRole | None = None,
+    recent: int = 2000,
+) -> list[Message]:
+    """Messages of a platform channel whose ``meta[key]`` is (or lists) the platform's message id ``ref``.
+
+    A scan over the channel's most recent messages, newest first: refs are JSON metadata, and what a
+    person deletes or replies to is almost always recent."""
+    query = (
+        select(Message)
+        .join(Conversation, Conversation.id == Message.conversation_id)
+        .where(Conversation.platform == platform, Conversation.channel == channel)
+        .order_by(Message.id.desc())
+        .limit(recent)
+    )
+    if role is not None:
+        query = query.where(Message.role == role)
+    found = []
+    for message in session.scalars(query):
+        value = (message.meta or {}).get(key)
+        if value == ref or (isinstance(value, list) and ref in value):
+            found.append(message)
+    return found
+
+
+def forget_message(*, session: Session, platform: str, channel: str, ref: str) -> int:
+    """A person deleted their message on the platform: drop its stored text. Returns how many were found."""
+    found = messages_with_ref(session=session, platform=platform, channel=channel, ref=ref, role=MessageRole.user)
+    for message in found:
+        message.text = ""
+        message.meta = {**(message.meta or {}), "deleted": True}
+    return len(found)
 
 
 def find_by_idempotency_key(*, session: Session, key: str) -> Message | None:
@@ -80,6 +169,9 @@ def store_reply(
     estimated_hours: float | None = None,
     status: MessageStatus = MessageStatus.answered,
     error: str | None = None,
+    fallback: bool = False,
+    flagged: bool = False,
+    notes: list[str] | None = None,
 ) -> tuple[Message, bool]:
     """Store the one reply to ``question``. Returns (reply, created); a reply stored earlier wins."""
     existing = answer_for(session=session, message_id=question.id)
@@ -100,6 +192,9 @@ def store_reply(
         answered_at=now,
         latency_ms=(now - created).total_seconds() * 1000.0,
         error=error,
+        fallback=fallback,
+        flagged=flagged,
+        meta={"composition": notes} if notes else {},
     )
     try:
         with session.begin_nested():
@@ -112,3 +207,23 @@ def store_reply(
     question.answered_at = now
     question.error = error
     return reply, True
+
+
+def attach_placeholder(*, session: Session, message_id: int, ref: str) -> None:
+    """Record the "working on it" message an adapter posted for a question, for the answer to replace.
+
+    The worker may have been faster. So after committing this, the adapter asks
+    ``delivered_without_placeholder`` in a new transaction, and the worker asks the reverse after
+    committing its delivery: one of the two always sees the other's write and removes the placeholder."""
+    question = session.get(Message, message_id)
+    if question is not None:
+        question.meta = {**(question.meta or {}), "placeholder": ref}
+
+
+def delivered_without_placeholder(*, session: Session, message_id: int) -> bool:
+    reply = answer_for(session=session, message_id=message_id)
+    if reply is None or reply.status != MessageStatus.sent:
+        return False
+    question = session.get(Message, message_id)
+    placeholder = (question.meta or {}).get("placeholder") if question is not None else None
+    return placeholder not in ((reply.meta or {}).get("sent_refs") or [])

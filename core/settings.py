@@ -79,12 +79,40 @@ class Settings(BaseSettings):
     )
     privacy_name_model_enabled: bool = Field(True, description="Use the learned name model beside the rules")
 
-    # Platforms (later adapters)
-    slack_bot_token: SecretStr | None = None
-    slack_signing_secret: SecretStr | None = None
-    slack_api_url: str = "https://slack.com/api/"
-    telegram_bot_token: SecretStr | None = None
-    telegram_api_url: str = "https://api.telegram.org/bot"
+    # Platforms
+    slack_bot_token: SecretStr | None = Field(None, description="Slack bot token (xoxb-)")
+    slack_signing_secret: SecretStr | None = Field(None, description="Slack signing secret (HTTP Events API)")
+    slack_app_token: SecretStr | None = Field(
+        None, description="Slack app-level token (xapp-); when set, `supportbot slack` uses Socket Mode"
+    )
+    slack_api_url: str = Field("https://slack.com/api/", description="Slack Web API base URL")
+    slack_members_refresh_s: float = Field(
+        3600.0, gt=0, description="How often the member-name deny-list is re-read from Slack"
+    )
+    http_max_body_bytes: int = Field(1_000_000, ge=1024, description="Largest request body the HTTP adapters take")
+    http_read_timeout_s: float = Field(10.0, gt=0, description="A client slower than this sending its body gets 408")
+    http_max_concurrency: int = Field(200, ge=1, description="Concurrent HTTP connections an adapter serves")
+    telegram_bot_token: SecretStr | None = Field(None, description="Telegram bot token")
+    telegram_api_url: str = Field("https://api.telegram.org/bot", description="Telegram Bot API base URL")
+    telegram_webhook_url: str | None = Field(
+        None, description="Public HTTPS URL for Telegram's webhook; unset means long polling"
+    )
+    telegram_webhook_secret: SecretStr | None = Field(
+        None, description="Secret Telegram sends as X-Telegram-Bot-Api-Secret-Token; required for webhooks"
+    )
+    telegram_webhook_listen: str = Field("0.0.0.0", description="Address the webhook server binds")
+    telegram_webhook_port: int = Field(8443, ge=1, le=65535, description="Port the webhook server binds")
+    telegram_quiet_period_s: float = Field(
+        4 * 3600.0, gt=0, description="A private chat quiet this long starts a new conversation"
+    )
+    delivery_order_wait_s: float = Field(
+        20.0, ge=0, description="How long a reply waits for an earlier one of its thread to be posted first"
+    )
+    delivery_retries: int = Field(3, ge=0, description="Retries of a failed delivery (rate limits, network)")
+    chat_platforms: list[str] = Field(
+        default_factory=list,
+        description='Chat platforms served, JSON: \'["slack", "telegram"]\'; a worker without their tokens refuses to start',
+    )
 
     @field_validator("data_dir")
     @classmethod

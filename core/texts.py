@@ -28,3 +28,35 @@ NO_WORKER = (
 )
 WAIT_TIMEOUT = "No answer arrived within {seconds:g} s. Your question is saved (message {message_id}) and will be answered."
 CUT_SHORT = "(I was busy and had to cut this answer short; ask again or reply /escalate if it is not enough.)"
+
+# Chat platforms (bot/slack, bot/telegram): what their buttons, commands and notices say.
+WORKING_ON_IT = "Working on it…"
+RATED = "Thanks: rated {emoji}"
+RATED_WITH_REASON = "Thanks: rated {emoji}, reason recorded"
+BUTTON_GOOD = "👍 Helpful"
+BUTTON_BAD = "👎 Not helpful"
+BUTTON_ESCALATE = "Get a technician"
+# Honest about what happens: the escalation is recorded; the technicians' desk is built elsewhere.
+ESCALATED = (
+    "Recorded for the support team (escalation #{id}), with this conversation's questions. "
+    "Nothing more is needed from you here."
+)
+NOTHING_TO_ESCALATE = "There is nothing to hand over yet: ask your question first."
+BAD_REASON_TITLE = "What was wrong?"
+BAD_REASON_LABEL = "Tell us why the answer did not help (optional)"
+BAD_REASON_PROMPT = "Sorry it did not help. What was wrong with answer #{id}? Reply to this message (optional)."
+REASON_THANKS = "Thanks, your reason was recorded."
+CITED = "Cited tickets: {tickets}"
+NOT_TEXT = (
+    "I can only read text. Please describe the problem in words (device, what you see, any error code); "
+    "you can paste an error message as text."
+)
+CHAT_HELP = (
+    "Describe what is broken (device, what you see, any error code) and I look for how it was fixed before.\n"
+    "Rate an answer with 👍 or 👎; \"Get a technician\" records the conversation for the support team.\n"
+    "Commands: /new starts a new conversation, /escalate records the current one for the support team, "
+    "/help shows this."
+)
+CHAT_START = "Hi! I answer IT and equipment questions from the tickets our technicians solved. " + CHAT_HELP
+NEW_CONVERSATION = "Started a new conversation. What is broken?"
+GROUP_NEW = "In groups every question starts its own conversation; reply to my answer to continue one."

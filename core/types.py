@@ -67,3 +67,33 @@ class Inbound:
     text: str
     event_id: str | None = None  # the platform's event/update id, used as the idempotency key
     message_ref: str | None = None  # the platform's id of this message (Telegram replies quote it)
+
+
+@dataclass(frozen=True)
+class ConversationRef:
+    """Where a reply goes on its platform: the platform's own channel and thread, not our keys."""
+
+    platform: str
+    channel: str
+    thread: str  # the platform's thread (Slack thread_ts, Telegram "topic<id>" or the question's id)
+    reply_to: str | None = None  # the platform's id of the question (Telegram replies quote it)
+
+
+@dataclass(frozen=True)
+class Reply:
+    """A reply as the outbound port takes it: content, not layout. Each platform package renders it."""
+
+    text: str  # the answer's body, without the sources and fix-time lines (rendered from the fields)
+    conversation: ConversationRef
+    message_id: int | None = None  # our stored reply's id: rating buttons carry it
+    sources: tuple[tuple[str, str], ...] = ()  # (ticket id, title) of the cited tickets
+    estimated_hours: float | None = None
+    kind: str = "answer"  # "answer" (rate/escalate buttons) or "notice" (plain text)
+    placeholder: str | None = None  # a "working on it" message the answer replaces, if one was posted
+
+
+@dataclass(frozen=True)
+class Delivered:
+    """What the platform gave back for a delivered reply: its ids of the posted messages."""
+
+    refs: tuple[str, ...] = ()

@@ -162,38 +162,11 @@ class Answerer:
         return stored
 
     def deliver(self, reply_id: int) -> bool:
-        """Post a stored reply to its platform, once: only the worker that stored it delivers it."""
-        from bot.outbound import DeliveryError, outbound_for
+        """Post a stored reply to its platform through the outbound port, once: only the worker that
+        stored it delivers it. The port renders it; this process imports no chat SDK."""
+        from bot.outbound import deliver_stored
 
-        with self.db.session() as session:
-            reply = session.get(Message, reply_id)
-            if reply is None or reply.status == MessageStatus.sent:
-                return False
-            conversation = reply.conversation
-            outbound = outbound_for(conversation.platform, self.settings)
-            if outbound is None:
-                return False  # the console reads replies from SQL
-            question = session.get(Message, reply.reply_to_id) if reply.reply_to_id else None
-            target = dict(
-                channel=conversation.channel,
-                thread=conversation.thread,
-                text=reply.text,
-                reply_to=(question.meta or {}).get("ref") if question else None,
-            )
-        try:
-            outbound.send(**target)
-        except DeliveryError as err:
-            log.error("reply %s not delivered: %s", reply_id, err)
-            with self.db.session() as session:
-                row = session.get(Message, reply_id)
-                if row is not None:
-                    row.meta = {**(row.meta or {}), "delivery_error": str(err)}
-            return False
-        with self.db.session() as session:
-            row = session.get(Message, reply_id)
-            if row is not None:
-                row.status = MessageStatus.sent
-        return True
+        return deliver_stored(db=self.db, settings=self.settings, reply_id=reply_id)
 
     def _write(self, query: str, turns: list[Turn], result: SearchResult) -> tuple[str, list[TicketHit], float | None]:
         if not result.hits or result.confidence < self.settings.min_confidence:

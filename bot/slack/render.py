@@ -1,0 +1,95 @@
+"""Replies as Slack Block Kit, within Slack's limits (section text 3,000 chars, 50 blocks, message text)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from bot.outbound import split_text
+from core import texts
+from core.types import Reply
+
+SECTION_CHARS = 3000  # Slack's limit on a section's text
+MAX_SECTIONS = 45  # 50 blocks at most; the context and the buttons take the rest
+FALLBACK_CHARS = 3000  # the notification text; Slack truncates message text at 40,000 anyway
+CONTEXT_CHARS = 2000
+ACTIONS_BLOCK = "feedback"
+RATING_BLOCK = "rating-status"
+ESCALATION_BLOCK = "escalation-status"
+REASON_VIEW = "bad_reason"
+
+
+def escape(text: str) -> str:
+    """Slack's mrkdwn control characters; a question's "<@U…>" must not become a mention in the answer."""
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+def fallback_text(reply: Reply) -> str:
+    text = escape(reply.text)
+    return text if len(text) <= FALLBACK_CHARS else text[: FALLBACK_CHARS - 1] + "…"
+
+
+def answer_blocks(
+    reply: Reply, *, rating_note: str | None = None, escalation_note: str | None = None
+) -> list[dict[str, Any]]:
+    """The answer's text, its cited tickets and fix time as context, then 👍 / 👎 / escalate buttons."""
+    pieces = split_text(escape(reply.text), SECTION_CHARS)
+    if len(pieces) > MAX_SECTIONS:
+        pieces = pieces[:MAX_SECTIONS]
+        pieces[-1] = pieces[-1][: SECTION_CHARS - 1] + "…"
+    blocks: list[dict[str, Any]] = [
+        {"type": "section", "text": {"type": "mrkdwn", "text": piece}} for piece in pieces
+    ]
+    context = []
+    if reply.sources:
+        tickets = " · ".join(f"*{escape(tid)}* {escape(title)}".strip() for tid, title in reply.sources)
+        context.append(_clip(texts.CITED.format(tickets=tickets)))
+    if reply.estimated_hours is not None:
+        context.append(texts.FIX_TIME.format(hours=reply.estimated_hours))
+    if context:
+        blocks.append({"type": "context", "block_id": "sources",
+                       "elements": [{"type": "mrkdwn", "text": c} for c in context]})
+    if reply.kind != "answer" or reply.message_id is None:
+        return blocks
+    value = str(reply.message_id)
+    blocks.append({
+        "type": "actions",
+        "block_id": ACTIONS_BLOCK,
+        "elements": [
+            _button("rate_good", texts.BUTTON_GOOD, value),
+            _button("rate_bad", texts.BUTTON_BAD, value),
+            _button("escalate", texts.BUTTON_ESCALATE, value),
+        ],
+    })
+    for block_id, note in ((RATING_BLOCK, rating_note), (ESCALATION_BLOCK, escalation_note)):
+        if note:
+            blocks.append({"type": "context", "block_id": block_id,
+                           "elements": [{"type": "mrkdwn", "text": _clip(escape(note))}]})
+    return blocks
+
+
+def reason_modal(*, reply_id: int, channel: str, ts: str) -> dict[str, Any]:
+    """The 👎 modal: why did the answer not help (optional)."""
+    return {
+        "type": "modal",
+        "callback_id": REASON_VIEW,
+        "private_metadata": json.dumps({"reply_id": reply_id, "channel": channel, "ts": ts}),
+        "title": {"type": "plain_text", "text": texts.BAD_REASON_TITLE[:24]},
+        "submit": {"type": "plain_text", "text": "Send"},
+        "close": {"type": "plain_text", "text": "Skip"},
+        "blocks": [{
+            "type": "input",
+            "block_id": "reason",
+            "optional": True,
+            "label": {"type": "plain_text", "text": texts.BAD_REASON_LABEL[:2000]},
+            "element": {"type": "plain_text_input", "action_id": "reason", "multiline": True, "max_length": 2000},
+        }],
+    }
+
+
+def _button(action_id: str, label: str, value: str) -> dict[str, Any]:
+    return {"type": "button", "action_id": action_id, "value": value, "text": {"type": "plain_text", "text": label}}
+
+
+def _clip(text: str) -> str:
+    return text if len(text) <= CONTEXT_CHARS else text[: CONTEXT_CHARS - 1] + "…"
