@@ -161,3 +161,13 @@ def test_intake_cuts_long_messages_and_says_so(env) -> None:  # type: ignore[no-
         row = session.get(Message, receipt.message_id)
         assert row is not None and len(row.text) == 1_000 and row.meta["truncated"] is True
         assert session.get(Message, short.message_id).text == "PRINTER JAMS"
+
+
+def test_a_greeting_before_a_shouted_paste_is_not_read_as_shouting(anonymizer: Anonymizer) -> None:
+    paste = (
+        "Hi, I'm Priya Raman, log below:\n"
+        + "REMOVED & REPLACED ROD END. HOSE CLAMP LOOSE ON #2 CYLINDER\n" * 40
+    )
+    result = anonymizer.anonymize(paste, scope="caps")
+    assert result.text.startswith("Hi, I'm <PERSON_1>, log below:\nREMOVED & REPLACED ROD END.")
+    assert "<PERSON" not in result.text[40:]

@@ -5,11 +5,13 @@
     anonymizer.add_known_names(["Priya Raman", "jdoe"])    # member directory
     anonymizer.reveal(result.text, scope=...)              # only inside the adapter process
     scrub(text)                                            # second pass before training data is written
+    contains_secret(text)                                  # credentials in it? (cheap: regexes only)
 
 Loading Presidio and spaCy is deferred to ``Anonymizer(...)``: importing this package is cheap.
 """
 
 from bot.privacy.anonymizer import Anonymizer, default_anonymizer, scrub
 from bot.privacy.config import PrivacyConfig
+from bot.privacy.secrets import contains_secret
 
-__all__ = ["Anonymizer", "PrivacyConfig", "default_anonymizer", "scrub"]
+__all__ = ["Anonymizer", "PrivacyConfig", "contains_secret", "default_anonymizer", "scrub"]

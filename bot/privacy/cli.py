@@ -32,7 +32,7 @@ def register(groups: Groups) -> None:
         "eval",
         "privacy",
         eval_privacy_command,
-        "Recall on labelled PII (synthetic, WNUT-17), over-masking on real tickets, latency",
+        "Recall on labelled PII (synthetic, WNUT-17), secrets, names in other scripts, over-masking, latency",
     )
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     parser.add_argument(
@@ -51,9 +51,17 @@ def register(groups: Groups) -> None:
     parser.add_argument("--limit", type=int, default=None, help="use only the first N rows of each file")
     which = parser.add_mutually_exclusive_group()
     which.add_argument(
-        "--name-model", type=Path, default=None, help="evaluate these name-model weights instead of the shipped ones"
+        "--name-model",
+        type=Path,
+        default=None,
+        help="evaluate these name-model weights instead of the shipped ones",
     )
     which.add_argument("--rules-only", action="store_true", help="without the learned name model")
+    parser.add_argument(
+        "--tune-threshold",
+        action="store_true",
+        help="only choose the Presidio score threshold on the even (training) rows of the synthetic set",
+    )
     parser.add_argument(
         "--retrieval",
         action="store_true",
@@ -100,6 +108,15 @@ def eval_privacy_command(args: argparse.Namespace, settings: Settings) -> int:
     if not any(p.exists() for p in (synth, wnut_dir, tickets, support)):
         print(f"no evaluation data under {data_dir}: skipped (pass --data-dir)", file=sys.stderr)
         return 0
+    if args.tune_threshold:
+        from bot.privacy.evaluate import tune_threshold
+
+        if not synth.exists():
+            print(f"{synth} not found", file=sys.stderr)
+            return 1
+        tuned = tune_threshold(synth)
+        print(json.dumps(tuned, indent=2))
+        return 0
     updates: dict = {}
     if args.name_model is not None:
         updates["privacy_name_model"] = args.name_model
@@ -114,6 +131,7 @@ def eval_privacy_command(args: argparse.Namespace, settings: Settings) -> int:
         support=support,
         limit=args.limit,
         retrieval_settings=settings if args.retrieval else None,
+        generated=args.limit,
     )
     print(json.dumps(report, indent=2, ensure_ascii=False) if args.json else render(report))
     return 0

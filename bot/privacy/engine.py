@@ -79,6 +79,30 @@ def chunks(text: str, size: int) -> Iterator[tuple[int, str]]:
         start = end
 
 
+def case_chunks(text: str, size: int) -> Iterator[tuple[int, str]]:
+    """``chunks``, but a run of shouted lines and a run of ordinary lines never share a piece.
+
+    Truecasing and the name rules decide "shouting" per piece: a greeting with a name in front of a
+    pasted all-caps log must not be read as shouting ("Hi, I'm Priya Raman" + "REMOVED & REPLACED ...").
+    """
+    from bot.privacy.names import is_all_caps
+
+    start = 0
+    state: bool | None = None
+    position = 0
+    for line in text.splitlines(keepends=True):
+        letters = sum(1 for c in line if c.isalpha())
+        line_state = is_all_caps(line) if letters >= 8 else state
+        if state is not None and line_state is not None and line_state != state and position > start:
+            for offset, piece in chunks(text[start:position], size):
+                yield start + offset, piece
+            start = position
+        state = line_state if line_state is not None else state
+        position += len(line)
+    for offset, piece in chunks(text[start:], size):
+        yield start + offset, piece
+
+
 class DetectionEngine:
     """Presidio AnalyzerEngine with our recognizers; spaCy runs on truecased text (see ``names.py``)."""
 
@@ -186,7 +210,7 @@ class DetectionEngine:
 
         found: list[Detection] = []
         with self._lock:
-            for offset, piece in chunks(text, self.config.chunk_chars):
+            for offset, piece in case_chunks(text, self.config.chunk_chars):
                 if not piece.strip():
                     continue
                 artifacts = self.nlp_engine.process_text(truecase(piece, self.gazetteer), "en")
