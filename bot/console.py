@@ -80,6 +80,10 @@ class SessionWorker:
         if live_workers(self.db):
             return
         if not self.settings.embedded_broker:
+            # A configured broker's workers are someone else's to start: wait a while for one that is
+            # starting up (deploys restart ask's worker too) rather than fail the question at once.
+            if self._wait_for_worker(self.settings.worker_wait_s, quiet=quiet):
+                return
             raise BrokerUnavailable(texts.NO_WORKER.format(broker=_redact_url(self.settings.celery_broker_url)))
         if not quiet:
             print("Starting a worker for this session (loading the model)…", file=sys.stderr, flush=True)
@@ -100,6 +104,26 @@ class SessionWorker:
                 return
             time.sleep(0.2)
         raise SupportbotError(f"the session worker did not become ready in {wait_s:g} s; see {log_path}")
+
+    def _wait_for_worker(self, wait_s: float, *, quiet: bool) -> bool:
+        """Wait up to ``wait_s`` for a ready worker, telling the user on stderr; True when one is ready."""
+        started = time.monotonic()
+        deadline = started + wait_s
+        told: str | None = None
+        while time.monotonic() < deadline:
+            time.sleep(0.5)
+            if live_workers(self.db):
+                return True
+            starting = live_workers(self.db, ready_only=False)  # heartbeating, model still loading
+            line = (
+                f"A worker is starting ({starting[0].name}, loading the model); waiting up to {wait_s:g} s…"
+                if starting
+                else f"No worker is up yet; waiting up to {wait_s:g} s for one to start…"
+            )
+            if line != told and not quiet:
+                print(line, file=sys.stderr, flush=True)
+                told = line
+        return False
 
     def stop(self) -> None:
         if self.process and self.process.poll() is None:

@@ -55,7 +55,12 @@ class Settings(BaseSettings):
     # Workers
     rate_limit_per_minute: int = Field(20, ge=0, description="Questions one user may ask per minute; 0 is no limit")
     sweep_after_s: float = Field(180.0, gt=0, description="Unanswered messages older than this are re-queued")
-    sweep_every_s: float = Field(30.0, gt=0, description="How often the beat runs the sweeper")
+    sweep_every_s: float = Field(
+        30.0, gt=0, description="How often the sweeper runs (in every worker; one at a time holds its lease)"
+    )
+    worker_wait_s: float = Field(
+        60.0, ge=0, description="How long `ask` waits for a worker that is still starting before giving up"
+    )
     visibility_timeout_s: int = Field(600, ge=5, description="Redis: an unacknowledged task returns after this")
     answer_soft_limit_s: float = Field(300.0, gt=0, description="An answer task past this ends with a clear message")
     batch_max: int = Field(16, ge=1, description="Most conversations one forward pass serves")

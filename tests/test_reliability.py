@@ -641,6 +641,147 @@ def test_kill_9_mid_answer_every_message_answered_exactly_once(tmp_path, redis_u
         second.stop()
 
 
+# After the sweep re-queued them: answering six questions on a 2-core box that other jobs share (load 20
+# was seen; a batch of four 8-token answers then took two minutes). Generous, as ANSWER_WAIT_S.
+RECOVERY_MARGIN_S = ANSWER_WAIT_S
+
+
+@pytest.mark.slow
+def test_kill_9_on_the_embedded_broker_a_plain_worker_answers_exactly_once(tmp_path):
+    """The default install: the file broker forgets a task once picked up, so only the sweeper can bring it
+    back, and it must run in a plain `supportbot worker` (no --beat, no flag at all)."""
+    settings, db = make_stack(tmp_path, sweep_after_s=4, sweep_every_s=1)
+    first = ChaosWorker(settings, name="doomed", concurrency=2)
+    try:
+        first.wait_ready(db)
+        intake = make_test_intake(settings, db)
+        ids = [ask(intake, q, event=f"file-kill-{i}").message_id for i, q in enumerate(QUESTIONS)]
+        deadline = time.monotonic() + ANSWER_WAIT_S
+        answering = 0
+        while time.monotonic() < deadline and not answering:  # the model is busy with some of them
+            with db.session() as session:
+                answering = session.scalar(
+                    select(func.count()).where(
+                        Message.id.in_(ids), Message.status == MessageStatus.answering, Message.attempts > 0
+                    )
+                )
+            time.sleep(0.05)
+        assert answering, "the worker never started answering"
+    finally:
+        first.kill()  # SIGKILL mid-answer: the task file it took is gone from the broker
+    with db.session() as session:
+        lost = session.scalars(
+            select(Message.id).where(Message.id.in_(ids), Message.status == MessageStatus.answering)
+        ).all()
+    assert lost, "nothing was in the dead worker's hands; the test proved nothing"
+
+    plain = ChaosWorker(settings, name="plain")  # no --beat, no flag about recovery
+    try:
+        plain.wait_ready(db)
+        wait_answered(db, ids, timeout=settings.sweep_after_s + RECOVERY_MARGIN_S, worker=plain)
+        time.sleep(3)  # a second answer, were one coming, would land now
+        assert_exactly_once(db, ids)
+        with db.session() as session:
+            attempts = [session.get(Message, i).attempts for i in ids]
+            requeued = [session.get(Message, i).meta.get("requeues", 0) for i in lost]
+        assert all(1 <= a <= 2 for a in attempts), attempts
+        assert all(r >= 1 for r in requeued), requeued  # brought back by the sweeper, not by luck
+        assert "this worker sweeps" in plain.log.read_text()
+    finally:
+        plain.stop()
+
+
+def test_one_sweeper_at_a_time_on_a_lock_file_freed_by_kill_9(tmp_path):
+    from workers.leader import FileLease
+
+    path = tmp_path / "sweeper.lock"
+    holder = subprocess.Popen(
+        [sys.executable, "-c",
+         "import sys, time; from pathlib import Path; from workers.leader import FileLease; "
+         f"assert FileLease(Path({str(path)!r})).hold(); print('held', flush=True); time.sleep(600)"],
+        cwd=ROOT, stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        mine = FileLease(path)
+        assert not mine.hold()  # another process sweeps
+        holder.kill()
+        holder.wait()
+        assert mine.hold() and mine.hold()  # the kernel freed the dead holder's lock; holding is idempotent
+        assert not FileLease(path).hold()
+        mine.release()
+        assert FileLease(path).hold()
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+@pytest.mark.redis
+def test_one_sweeper_at_a_time_on_redis_and_a_silent_holder_expires(redis_url):
+    from workers.leader import RedisLease
+
+    url = own_redis_db(redis_url, 9)
+    first = RedisLease(url, ttl_s=1.0, key="test:sweeper")
+    second = RedisLease(url, ttl_s=1.0, key="test:sweeper")
+    first.client.delete("test:sweeper")
+    assert first.hold() and not second.hold()
+    assert first.hold()  # renewing
+    time.sleep(1.5)  # the first holder "died": it stopped renewing
+    assert second.hold() and not first.hold()
+    second.release()
+    assert first.hold()
+    first.release()
+
+
+def _ask_process(settings: Settings, text: str, **env: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "bot.cli", "ask", text],
+        env={**chaos_env(settings), **env},
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+@pytest.mark.redis
+@pytest.mark.slow
+def test_ask_waits_for_a_worker_that_is_starting(tmp_path, redis_url):
+    settings, db = make_stack(tmp_path, broker_url=own_redis_db(redis_url, 10))
+    import redis
+
+    redis.Redis.from_url(settings.broker_url).flushdb()
+    asking = _ask_process(settings, PRINTER, SUPPORTBOT_WORKER_WAIT_S="400")
+    worker: WorkerProcess | None = None
+    try:
+        time.sleep(4)  # ask is up and finds nobody; the worker comes a few seconds later
+        assert asking.poll() is None, asking.communicate()
+        worker = WorkerProcess(settings, name="late", env=chaos_env(settings))
+        out, err = asking.communicate(timeout=ANSWER_WAIT_S)
+        assert asking.returncode == 0, err
+        assert "waiting up to 400 s" in err and "Traceback" not in err
+        assert "[message " in out
+    finally:
+        asking.kill()
+        if worker is not None:
+            worker.stop()
+
+
+@pytest.mark.redis
+def test_ask_without_any_worker_gives_up_after_the_bound_with_the_clear_message(tmp_path, redis_url):
+    settings, db = make_stack(tmp_path, broker_url=own_redis_db(redis_url, 11))
+    started = time.monotonic()
+    asking = _ask_process(settings, PRINTER, SUPPORTBOT_WORKER_WAIT_S="3")
+    out, err = asking.communicate(timeout=300)
+    assert asking.returncode == 2, err
+    lines = err.strip().splitlines()
+    assert lines[0].startswith("No worker is up yet; waiting up to 3 s")
+    assert lines[-1].startswith("supportbot ask: No supportbot worker is reachable") and len(lines) == 2
+    assert time.monotonic() - started >= 3
+    with db.session() as session:  # nothing stored: the user was told to try again
+        assert session.scalar(select(func.count()).where(Message.role == MessageRole.user)) == 0
+
+
 @pytest.fixture
 def restartable_redis(tmp_path):
     need_redis_server()

@@ -46,13 +46,9 @@ def configure(settings: Settings) -> Celery:
         worker_hijack_root_logger=False,
         worker_send_task_events=False,
         enable_utc=True,
+        # The sweeper is not here: every worker runs it in a thread under a lease (workers/leader.py),
+        # so recovery does not depend on someone starting the beat.
         beat_schedule={
-            "sweep-unanswered": {
-                "task": "supportbot.light.sweep",
-                "schedule": settings.sweep_every_s,
-                "args": [settings.sweep_after_s],
-                "options": {"queue": LIGHT_QUEUE, "expires": settings.sweep_every_s},
-            },
             "export-training-data": {
                 "task": "supportbot.light.export",
                 "schedule": 24 * 3600.0,

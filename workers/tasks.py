@@ -88,6 +88,24 @@ def answerer():  # type: ignore[no-untyped-def]
         return _answerer
 
 
+def preload_in_background() -> threading.Thread:
+    """Start loading the model and the index now, while Celery boots (cold start: they overlap).
+
+    ``_on_ready`` then only waits for the load to finish. A failed preload is not fatal: the load is
+    tried again there, and its error surfaces there.
+    """
+
+    def load() -> None:
+        try:
+            answerer()
+        except Exception as err:
+            log.warning("preloading the model failed (tried again when the worker is ready): %s", err)
+
+    thread = threading.Thread(target=load, daemon=True, name="preload")
+    thread.start()
+    return thread
+
+
 def _fail(message_id: int, reason: str, user_text: str, *, db: Database | None = None) -> None:
     """End a message failed with a reason; the user reads ``user_text`` (never silence)."""
     with (db or database()).session() as session:
@@ -119,10 +137,27 @@ def workers_answering(session: Session, *, exclude: str | None = None) -> set[in
     fresh = utcnow() - timedelta(seconds=HEARTBEAT_STALE_S)
     ids: set[int] = set()
     for row in session.scalars(select(WorkerHeartbeat)).all():
-        if row.name == exclude or as_utc(row.seen_at) < fresh:
+        if row.name == exclude or as_utc(row.seen_at) < fresh or _died_here(row):
             continue
         ids.update(int(i) for i in (row.state or {}).get("in_flight_ids", []))
     return ids
+
+
+def _died_here(row: WorkerHeartbeat) -> bool:
+    """A worker of this host whose process is gone: its claims are free now, not after HEARTBEAT_STALE_S.
+
+    (A host name shared by several containers could mistake a live worker elsewhere for a dead one; the
+    cost is one extra generation, never a second reply: ``store_reply`` keeps the first.)
+    """
+    if row.hostname != socket.gethostname() or not row.pid or row.pid == os.getpid():
+        return False
+    try:
+        os.kill(row.pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # exists, owned by someone else
+        return False
+    return False
 
 
 def _publish_heartbeat(session: Session, name: str, queues: str | None = None) -> None:
@@ -422,7 +457,14 @@ def sweep_unanswered(*, db: Database, max_age_s: float, enqueue: Callable[[int],
 
 @app.task(name="supportbot.light.sweep")
 def sweep(max_age_s: float = 120.0) -> dict[str, int]:
-    """Re-queue user messages left unanswered past ``max_age_s`` (lost task, dead worker, broker restart)."""
+    """Re-queue user messages left unanswered past ``max_age_s`` (lost task, dead worker, broker restart).
+
+    Every worker already sweeps on its own (``_sweeper_loop``); this task is a one-off sweep on demand.
+    """
+    return _sweep_once(max_age_s)
+
+
+def _sweep_once(max_age_s: float) -> dict[str, int]:
     report = sweep_unanswered(db=database(), max_age_s=max_age_s, enqueue=enqueue_answer)
     for kind, n in report.as_dict().items():
         if n:
@@ -445,6 +487,33 @@ def _heartbeat_loop(name: str, queues: str, stop: threading.Event) -> None:
         stop.wait(HEARTBEAT_EVERY_S)
 
 
+def _sweeper_loop(stop: threading.Event) -> None:
+    """Every worker runs this; the one holding the lease sweeps (see workers/leader.py).
+
+    So recovery needs no flag and no separate beat: whichever worker is up, a session worker of `ask`
+    included, re-queues what a dead worker left behind, and only one of them does it at a time.
+    """
+    from workers.leader import sweeper_lease
+
+    config = settings()
+    lease = sweeper_lease(config)
+    leading = False
+    try:
+        while not stop.is_set():
+            holds = lease.hold()
+            if holds != leading:
+                log.info("sweeper: %s", "this worker sweeps" if holds else "another worker sweeps")
+                leading = holds
+            if holds:
+                try:
+                    _sweep_once(config.sweep_after_s)
+                except Exception as err:  # the database is busy or away: the next round tries again
+                    log.warning("sweep failed: %s", err)
+            stop.wait(config.sweep_every_s)
+    finally:
+        lease.release()
+
+
 _stop = threading.Event()
 
 
@@ -464,6 +533,9 @@ def _on_ready(sender=None, **_kwargs) -> None:  # type: ignore[no-untyped-def]
         log.info("worker %s ready in %.1f s (queues %s)", name, time.monotonic() - started, queues)
     elif LIGHT_QUEUE in queues.split(","):
         log.info("worker %s ready (queues %s)", name, queues)
+    # Sweeping starts once this worker can answer: re-queued work would only wait behind its model load,
+    # and every needless re-queue counts towards a message's MAX_REQUEUES.
+    threading.Thread(target=_sweeper_loop, args=(_stop,), daemon=True, name="sweeper").start()
 
 
 @signals.worker_shutdown.connect
