@@ -409,8 +409,9 @@ def name_model_summary(anonymizer: Anonymizer) -> dict | None:
     model = anonymizer.engine.name_finder.model
     if model is None:
         return None
-    return {"threshold": model.threshold, "training": {k: v for k, v in model.info.items() if k != "cv"},
-            "cv_on_train": model.info.get("cv")}  # fmt: skip
+    info = getattr(model, "info", None) or {}  # older model files carry no training record
+    return {"threshold": model.threshold, "training": {k: v for k, v in info.items() if k != "cv"},
+            "cv_on_train": info.get("cv")}  # fmt: skip
 
 
 def render(report: dict) -> str:
