@@ -116,3 +116,11 @@ def test_scrub_and_log_redactor_mask_secrets(anonymizer: Anonymizer) -> None:
 def test_a_cut_off_private_key_is_masked_to_the_end() -> None:
     text = "my key:\n-----BEGIN OPENSSH PRIVATE KEY-----\nb3BlbnNzaC1rZXktdjEAAAAABG5vbmUAAAAEbm9uZQ"
     assert mask_secrets(text) == "my key:\n<SECRET>"
+
+
+def test_a_plain_word_after_a_cue_stays_even_before_a_full_stop() -> None:
+    assert (
+        mask_secrets("KNOCKING NOISE FROM PASS DOWN. FOUND LOOSE")
+        == "KNOCKING NOISE FROM PASS DOWN. FOUND LOOSE"
+    )
+    assert mask_secrets("login admin password Tr0ub4dor&3.") == "login admin password <SECRET>."

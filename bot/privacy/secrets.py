@@ -155,7 +155,9 @@ def _word_value_ok(value: str, joined: str) -> bool:
         return False
     if not joined.strip():
         # No "is"/":"/"=" between cue and value ("password reset"): only a value that is no word.
-        return bool(re.search(r"\d", bare) and re.search(r"[^\W\d]", bare)) or bool(re.search(r"[^\w]", bare))
+        # Sentence punctuation after a word ("PASS DOWN.") does not make it one.
+        word = bare.rstrip(".,;:!?)")
+        return bool(re.search(r"\d", word) and re.search(r"[^\W\d]", word)) or bool(re.search(r"[^\w]", word))
     return True
 
 
@@ -190,7 +192,9 @@ def find_secrets(text: str) -> list[Span]:
             # A rejected value may itself be the next cue ("Authorization: Bearer <token>").
             position = match.start("value")
             value = match.group("value")
-            if check == "word" and not _word_value_ok(value, match.group("join_for") or match.group("join") or ""):
+            if check == "word" and not _word_value_ok(
+                value, match.group("join_for") or match.group("join") or ""
+            ):
                 continue
             bare = value[1:-1] if value[0] in "\"'`" else value
             bearer = match.group("cue").lower().endswith("bearer") and len(bare) >= 12
