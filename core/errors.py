@@ -39,3 +39,7 @@ class PrivacyError(SupportbotError):
 
 class TrainingError(SupportbotError):
     """A training, export or evaluation run failed."""
+
+
+class DeskError(SupportbotError):
+    """A desk action cannot be done as asked (not a technician, no such escalation, already resolved)."""

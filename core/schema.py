@@ -198,6 +198,11 @@ class QuarantinedTicket(Base):
 
 class Escalation(Base):
     __tablename__ = "escalations"
+    __table_args__ = (
+        Index("ix_escalations_status", "status"),
+        Index("ix_escalations_conversation", "conversation_id"),
+    )
+
 
     id: Mapped[int] = mapped_column(primary_key=True)
     conversation_id: Mapped[int] = mapped_column(ForeignKey("conversations.id", ondelete="CASCADE"))
@@ -213,6 +218,19 @@ class Escalation(Base):
     ticket_id: Mapped[str | None] = mapped_column(ForeignKey("tickets.id"))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     resolved_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # The desk (core/desk.py, migration 0003). No foreign key on requested_by_id: SQLite cannot add one
+    # to an existing table without copying it.
+    requested_by_id: Mapped[int | None] = mapped_column(Integer)  # users.id of whoever asked
+    reason: Mapped[str | None] = mapped_column(Text)  # why they escalated, anonymized
+    severity: Mapped[str | None] = mapped_column(String(20))  # line stopped / degraded / minor
+    severity_reason: Mapped[str | None] = mapped_column(Text)
+    claimed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    desk_message_ref: Mapped[str | None] = mapped_column(String(128))  # the desk post, for edits
+    resolution_hours: Mapped[float | None] = mapped_column(Float)
+    resolution_machine: Mapped[str | None] = mapped_column(Text)
+    reopened_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    last_ping_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    updated_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), default=utcnow, onupdate=utcnow)
 
 
 class ModelVersion(Base):

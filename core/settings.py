@@ -119,6 +119,25 @@ class Settings(BaseSettings):
         description='Chat platforms served, JSON: \'["slack", "telegram"]\'; a worker without their tokens refuses to start',
     )
 
+    # Escalation desk (core/desk.py)
+    technicians: list[str] = Field(
+        default_factory=list,
+        description='Platform-qualified ids of technicians, JSON: \'["slack:U1", "telegram:42"]\' (or users.role)',
+    )
+    escalation_ping_after_s: float = Field(
+        900.0, gt=0, description="An escalation nobody claimed this long is pinged again on the desk"
+    )
+    escalation_remind_after_s: float = Field(
+        4 * 3600.0, gt=0, description="A claimed escalation idle this long is reminded to its technician"
+    )
+    escalation_check_every_s: float = Field(60.0, gt=0, description="How often the beat looks for those")
+    escalation_summary_writer: str = Field(
+        "extractive",
+        pattern="^(extractive|model)$",
+        description="Who writes the desk summary's problem line: extractive (beat the lead baseline on "
+        "held-out TweetSumm) or model (the base model; did not)",
+    )
+
     @field_validator("data_dir")
     @classmethod
     def _absolute(cls, value: Path) -> Path:

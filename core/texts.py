@@ -60,3 +60,40 @@ CHAT_HELP = (
 CHAT_START = "Hi! I answer IT and equipment questions from the tickets our technicians solved. " + CHAT_HELP
 NEW_CONVERSATION = "Started a new conversation. What is broken?"
 GROUP_NEW = "In groups every question starts its own conversation; reply to my answer to continue one."
+
+# The escalation desk (core/desk.py): what employees and technicians are told. Each promises only what
+# the code does: the escalation is recorded, the bot stops answering here, a technician's replies are
+# relayed into this conversation once one claims it.
+DESK_ESCALATED = (
+    "Escalated (#{id}). I've handed this conversation to the technicians and stopped answering here "
+    "myself. When a technician claims it, their replies appear in this conversation, marked as from a "
+    "technician; anything you add here now is passed on to them."
+)
+DESK_ALREADY_ESCALATED = (
+    "Escalated (#{id}) already, status {status}. Anything you add here is passed on to the technicians."
+)
+DESK_NOTHING_TO_ESCALATE = "Nothing to escalate yet: ask your question first."
+DESK_FROM_TECHNICIAN = "Technician: {text}"
+DESK_FROM_EMPLOYEE = "Employee (escalation #{id}): {text}"
+DESK_CLAIMED = "A technician has taken your escalation #{id} and will reply in this conversation."
+DESK_RESOLVED = (
+    "A technician resolved escalation #{id}: {text}\n"
+    "Did it work? If not, reply /escalate and the technicians get it back."
+)
+DESK_REOPENED = "Escalation #{id} is open again; the technicians were told."
+DESK_NOT_TECHNICIAN = (
+    "{who} is not a technician: only technicians can {action} escalations (settings `technicians`, "
+    "e.g. SUPPORTBOT_TECHNICIANS='[\"slack:U1\"]', or a user with role technician)."
+)
+DESK_NO_SUCH = "There is no escalation #{id}."
+DESK_ALREADY_RESOLVED = "Escalation #{id} is resolved already; reopen it first."
+DESK_NOT_RESOLVED = "Escalation #{id} is not resolved, so there is nothing to reopen."
+DESK_CLAIMED_BY_OTHER = "Escalation #{id} is claimed by another technician ({who})."
+DESK_EMPTY_RESOLUTION = "A resolution needs the fix in words: what was done to repair it."
+DESK_BAD_HOURS = "Hours must be a number between 0 and 1000, got {hours!r}."
+DESK_RESOLUTION_REFUSED = (
+    "Escalation #{id} stays open: the resolution reads like instructions to an assistant ({reasons}), "
+    "so it was not stored as a ticket. Please write only the repair that was done."
+)
+DESK_PING_UNCLAIMED = "Escalation #{id} has been waiting {minutes} min with nobody on it. {summary}"
+DESK_PING_IDLE = "Reminder: escalation #{id}, claimed by you, has had no activity for {minutes} min."

@@ -90,14 +90,18 @@ def _system_message(tickets: Sequence[Ticket]) -> dict[str, Any]:
 
 
 def rated_conversation_ids(session: Session) -> list[int]:
+    """Conversations with a rated answer or a resolved escalation (a technician's fix is a target too)."""
     rows = session.execute(
         select(Message.conversation_id)
         .join(Rating, Rating.message_id == Message.id)
         .where(Message.role == MessageRole.assistant)
-        .distinct()
-        .order_by(Message.conversation_id)
+        .union(
+            select(Escalation.conversation_id).where(
+                Escalation.status == EscalationStatus.resolved, Escalation.resolution.is_not(None)
+            )
+        )
     )
-    return [r[0] for r in rows]
+    return sorted({r[0] for r in rows})
 
 
 def conversation_record(session: Session, conversation_id: int, counts: dict[str, int]) -> Record | None:
@@ -127,6 +131,9 @@ def conversation_record(session: Session, conversation_id: int, counts: dict[str
         if e.resolution and e.resolution.strip()
     }
 
+    # A resolution belongs to the escalated question (Escalation.message_id, a user message) or, in
+    # older rows, to the answer itself; either way it is the target for that question's answer.
+    answered = {m.reply_to_id for m in messages if m.role == MessageRole.assistant and m.reply_to_id}
     turns: list[dict[str, Any]] = []
     kto: list[dict[str, Any]] = []
     consumed: set[int] = set()
@@ -137,6 +144,10 @@ def conversation_record(session: Session, conversation_id: int, counts: dict[str
             continue
         if m.role == MessageRole.user:
             turns.append({"role": "user", "content": text})
+            if m.id in resolutions and m.id not in answered:
+                # Escalated and never answered by the bot: the technician's fix is the answer.
+                counts["answers_from_resolution"] += 1
+                turns.append({"role": "assistant", "content": resolutions[m.id], "weight": 1})
             continue
         if m.role == MessageRole.technician:
             turns.append({"role": "assistant", "content": text, "weight": 0})
@@ -148,12 +159,18 @@ def conversation_record(session: Session, conversation_id: int, counts: dict[str
         score = message_score(ratings.get(m.id, []))
         if score and turns:
             kto.append({"prompt": [dict(t) for t in turns], "completion": text, "label": score == GOOD})
+        resolved_fix = resolutions.get(m.id) or (resolutions.get(m.reply_to_id) if m.reply_to_id else None)
+        if resolved_fix and score != GOOD and score != BAD:
+            # Escalated without a rating: the technician's fix is what the answer should have been.
+            counts["answers_replaced"] += 1
+            turns.append({"role": "assistant", "content": resolved_fix, "weight": 1})
+            continue
         if score == GOOD:
             counts["answers_good"] += 1
             turns.append({"role": "assistant", "content": text, "weight": 1})
         elif score == BAD:
             counts["answers_bad"] += 1
-            fix = resolutions.get(m.id)
+            fix = resolved_fix
             if fix is None:
                 # Else the technician's next message in this conversation, before the next answer.
                 for later in messages[i + 1 :]:

@@ -11,6 +11,7 @@ import uuid
 from core import texts
 from core.conversations import answer_for, history, store_reply
 from core.db import Database
+from core.desk import desk_takes
 from core.errors import GenerationTimeout, SupportbotError
 from core.schema import Message, MessageRole, MessageStatus, ModelStatus, ModelVersion
 from core.settings import Settings
@@ -106,6 +107,10 @@ class Answerer:
             if earlier is not None:
                 return earlier  # redelivered task or duplicate: the answer exists already
             if question.status == MessageStatus.held:
+                return None
+            if desk_takes(session=session, settings=self.settings, message=question):
+                # An open escalation (or a technician's reply in one): relayed to the desk, never answered.
+                log.info("message %s relayed to the desk, not answered", message_id)
                 return None
             question.status = MessageStatus.answering
             question.attempts = (question.attempts or 0) + 1

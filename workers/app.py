@@ -10,7 +10,7 @@ from kombu import Queue
 
 from core.settings import Settings
 
-app = Celery("supportbot", include=["workers.tasks", "workers.train_tasks"])
+app = Celery("supportbot", include=["workers.tasks", "workers.train_tasks", "workers.desk_tasks"])
 
 ANSWER_QUEUE = "answer"
 LIGHT_QUEUE = "light"
@@ -52,6 +52,12 @@ def configure(settings: Settings) -> Celery:
             "export-training-data": {
                 "task": "supportbot.light.export",
                 "schedule": 24 * 3600.0,
+                "options": {"queue": LIGHT_QUEUE},
+            },
+            # Unclaimed and idle escalations (workers/desk_tasks.py); each is pinged once per period.
+            "escalation-pings": {
+                "task": "supportbot.light.escalation_pings",
+                "schedule": settings.escalation_check_every_s,
                 "options": {"queue": LIGHT_QUEUE},
             },
         },
