@@ -7,6 +7,7 @@ STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
+WEB_PORT ?=
 
 .PHONY: install run test lint bench clean
 
@@ -26,7 +27,12 @@ run: install
 	$(VENV)/bin/supportbot db upgrade
 	$(VENV)/bin/supportbot model prepare
 	$(VENV)/bin/supportbot tickets seed
-	$(VENV)/bin/supportbot chat
+	@# `make run WEB_PORT=8080` also serves the web console while the chat runs.
+	@if [ -n "$(WEB_PORT)" ]; then \
+	  $(VENV)/bin/supportbot web --port $(WEB_PORT) & web=$$!; trap "kill $$web" EXIT; \
+	  echo "web console: http://127.0.0.1:$(WEB_PORT)/ (log in after: $(VENV)/bin/supportbot web create-admin NAME --password-stdin)"; \
+	  $(VENV)/bin/supportbot chat; \
+	else $(VENV)/bin/supportbot chat; fi
 
 test: install
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)

@@ -17,7 +17,7 @@ from core.settings import Settings, load_settings
 log = logging.getLogger("supportbot")
 
 # Modules that add their own subcommands (see core/commands.py).
-COMMAND_MODULES = ("retrieval.cli", "bot.privacy.cli", "model.cli", "workers.desk_cli")
+COMMAND_MODULES = ("retrieval.cli", "bot.privacy.cli", "model.cli", "workers.desk_cli", "bot.web.cli")
 
 
 def setup_logging(settings: Settings, *, verbose: bool = False) -> None:

@@ -279,3 +279,34 @@ class WorkerHeartbeat(Base):
     state: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     seen_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class AuditEntry(Base):
+    """One privileged action (core/roles.py): who tried what, when, and whether it was allowed or done."""
+
+    __tablename__ = "audit_log"
+    __table_args__ = (
+        Index("ix_audit_log_at", "at"),
+        Index("ix_audit_log_actor", "actor", "at"),
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    actor: Mapped[str] = mapped_column(String(200))  # platform-qualified: slack:U123, web:alice, cli:root
+    role: Mapped[str] = mapped_column(String(20))  # the role the actor had when acting
+    action: Mapped[str] = mapped_column(String(64))
+    result: Mapped[str] = mapped_column(String(20))  # allowed, denied, succeeded, failed
+    detail: Mapped[str] = mapped_column(Text, default="")
+
+
+class WebAccount(Base):
+    """A web console login (bot/web). The password is stored only as an argon2 hash."""
+
+    __tablename__ = "web_accounts"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(100), unique=True)
+    password_hash: Mapped[str] = mapped_column(Text)
+    role: Mapped[Role] = mapped_column(_enum(Role, "role"), default=Role.admin)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    last_login_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))

@@ -5,11 +5,12 @@ from __future__ import annotations
 from functools import cached_property
 from pathlib import Path
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 EMBEDDED_MODEL = "embedded:smollm2-135m-instruct"
 EMBEDDED_EMBEDDER = "embedded:all-minilm-l6-v2"
+PLACEHOLDER_SECRETS = {"changeme", "change-me", "secret", "changethis", "please-change-me"}
 
 
 class Settings(BaseSettings):
@@ -137,6 +138,34 @@ class Settings(BaseSettings):
         description="Who writes the desk summary's problem line: extractive (beat the lead baseline on "
         "held-out TweetSumm) or model (the base model; did not)",
     )
+
+    # Roles (core/roles.py) and the web console (bot/web). Ids are platform-qualified, JSON in the
+    # environment: SUPPORTBOT_ADMINS='["slack:U123", "telegram:42"]'.
+    admins: list[str] = Field(default_factory=list, description="Platform-qualified ids of admins")
+    technicians: list[str] = Field(default_factory=list, description="Platform-qualified ids of technicians")
+    web_port: int = Field(8080, ge=1, le=65535, description="Port of the web console (`supportbot web`)")
+    web_host: str = Field("127.0.0.1", description="Address the web console binds (0.0.0.0 in a container)")
+    web_secret_key: SecretStr | None = Field(
+        None, description="Signs web console sessions; required outside development (32+ random characters)"
+    )
+
+    @field_validator("admins", "technicians")
+    @classmethod
+    def _qualified_ids(cls, value: list[str]) -> list[str]:
+        for entry in value:
+            platform, _, external_id = entry.partition(":")
+            if not platform or not external_id:
+                raise ValueError(f"{entry!r} is not a platform-qualified id like 'slack:U123' or 'telegram:42'")
+        return [entry.strip() for entry in value]
+
+    @model_validator(mode="after")
+    def _real_web_secret(self) -> Settings:
+        # A missing key is refused where the console starts (bot/web/auth.py); other commands need none.
+        if self.web_secret_key is not None and self.environment != "development":
+            secret = self.web_secret_key.get_secret_value()
+            if len(secret) < 32 or secret.lower() in PLACEHOLDER_SECRETS or len(set(secret)) < 8:
+                raise ValueError("web_secret_key is a placeholder or too short; use 32+ random characters")
+        return self
 
     @field_validator("data_dir")
     @classmethod

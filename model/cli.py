@@ -124,6 +124,14 @@ def _database(settings: Settings) -> Any:
     return Database.from_settings(settings)
 
 
+def _authorize(settings: Settings, database: Any, action: str, detail: str = "") -> None:
+    """The operator on the host acts as the local admin (core/roles.py); the action is audited."""
+    from core.roles import authorize, cli_actor
+
+    with database.session() as session:
+        authorize(session=session, actor=cli_actor(), action=action, settings=settings, detail=detail)
+
+
 def _print(args: argparse.Namespace, payload: Any, text: str) -> None:
     print(json.dumps(payload, indent=2, default=str) if getattr(args, "json", False) else text)
 
@@ -132,15 +140,24 @@ def _print(args: argparse.Namespace, payload: Any, text: str) -> None:
 
 
 def rate_command(args: argparse.Namespace, settings: Settings) -> int:
+    from core.conversations import get_or_create_user
+    from core.roles import authorize, cli_actor
     from model.ratings import rate
 
+    operator = cli_actor()
     with _database(settings).session() as session:
+        user_id = args.user_id
+        if user_id is None:  # the operator's own vote: one per person per answer, like a chat button
+            user_id = get_or_create_user(session=session, platform=operator.platform, external_id=operator.external_id).id
+        else:
+            authorize(session=session, actor=operator, action="rate.on_behalf", settings=settings,
+                      detail=f"message {args.message_id} {args.value} as users.id {user_id}")  # fmt: skip
         rating = rate(
             session=session,
             message_id=args.message_id,
             value=args.value,
             reason=args.reason,
-            user_id=args.user_id,
+            user_id=user_id,
         )
         word = "good" if rating.value > 0 else "bad"
     print(f"message {args.message_id} rated {word}")
@@ -191,6 +208,7 @@ def train_command(args: argparse.Namespace, settings: Settings) -> int:
     from model.train import new_run, run_training
 
     database = _database(settings)
+    _authorize(settings, database, "train", f"resume run {args.resume}" if args.resume else f"data {args.data}")
     if args.resume:
         run_id = args.resume
     else:
@@ -299,11 +317,13 @@ def models_command(args: argparse.Namespace, settings: Settings) -> int:
         if not args.name:
             raise InputError("promote needs the candidate's name (see `supportbot models list`)")
         args.data_file = args.data
+        _authorize(settings, database, "models.promote", args.name)
         verdict = _gate(settings, database, args.name, args)
         _print(
             args, verdict, f"{args.name} {'promoted' if verdict['passed'] else 'refused'}: {verdict['why']}"
         )
         return 0 if verdict["passed"] else 1
+    _authorize(settings, database, "models.rollback")
     with database.session() as session:
         previous = registry.rollback(session=session)
         name = previous.name if previous else None
