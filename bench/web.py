@@ -42,6 +42,7 @@ from core.schema import (
 from core.settings import Settings, load_settings
 
 GOAL_P95_MS = 300.0
+HAS_CLAIMS = hasattr(Escalation, "claimed_at")  # the desk's column (migration 0003)
 QUESTIONS = [
     "The label printer on line {n} jams on every page",
     "VPN client drops every few minutes on laptop {n}",
@@ -101,11 +102,15 @@ def seed(database: Database, *, conversations: int, days: int = 30, rng_seed: in
         )  # fmt: skip
         if kind == "escalated":
             status = rng.choice(list(EscalationStatus))
-            escalations.append({
+            claimed = answered + timedelta(minutes=rng.uniform(2, 90))
+            row = {
                 "conversation_id": conv_id, "message_id": q_id, "status": status.value, "summary": "needs a technician",
-                "created_at": answered, "resolved_at": answered + timedelta(hours=rng.uniform(0.5, 30))
+                "created_at": answered, "resolved_at": claimed + timedelta(hours=rng.uniform(0.5, 30))
                 if status == EscalationStatus.resolved else None,
-            })  # fmt: skip
+            }  # fmt: skip
+            if HAS_CLAIMS:
+                row["claimed_at"] = claimed if status != EscalationStatus.open else None
+            escalations.append(row)
         if rng.random() < 0.5:
             ratings.append({"message_id": a_id, "user_id": user["id"], "value": 1 if rng.random() < 0.8 else -1,
                             "reason": None, "created_at": answered + timedelta(minutes=2)})  # fmt: skip

@@ -176,6 +176,7 @@ def test_escalations_show_time_to_resolve(console: TestClient, db: Database) -> 
     with db.session() as s:
         data = queries.escalations(session=s)
     assert sum(data["counts"].values()) > 0 and data["median_to_resolve_h"] is not None
+    assert data["median_to_claim_h"] is not None and data["median_to_claim_h"] < data["median_to_resolve_h"]
 
 
 def test_models_roll_back_through_the_console_and_it_is_audited(console: TestClient, db: Database, tmp_path: Path) -> None:
