@@ -39,6 +39,12 @@ class Settings(BaseSettings):
     generation_timeout_s: float = Field(120.0, gt=0, description="Generation stops here; partial answer kept")
     temperature: float = Field(0.0, ge=0.0, description="0 gives greedy, repeatable answers")
     history_turns: int = Field(6, ge=0, description="Earlier turns of the conversation put in the prompt")
+    repetition_penalty: float = Field(1.15, ge=1.0, description="Penalty on tokens already generated (1 is off)")
+    no_repeat_ngram_size: int = Field(4, ge=0, description="No n-gram of this many tokens is generated twice; 0 is off")
+    trusted_domains: list[str] = Field(
+        default_factory=list,
+        description='Company domains an answer may link or mail to, JSON: \'["acme.com"]\'; others are removed',
+    )
 
     # Retrieval
     embedding_model: str = Field(EMBEDDED_EMBEDDER, description="Embedded MiniLM or a local folder")
@@ -120,11 +126,7 @@ class Settings(BaseSettings):
         description='Chat platforms served, JSON: \'["slack", "telegram"]\'; a worker without their tokens refuses to start',
     )
 
-    # Escalation desk (core/desk.py)
-    technicians: list[str] = Field(
-        default_factory=list,
-        description='Platform-qualified ids of technicians, JSON: \'["slack:U1", "telegram:42"]\' (or users.role)',
-    )
+    # Escalation desk (core/desk.py); who is a technician: `technicians` below and core/roles.py
     escalation_ping_after_s: float = Field(
         900.0, gt=0, description="An escalation nobody claimed this long is pinged again on the desk"
     )

@@ -12,7 +12,7 @@ NOT_SURE = (
 )
 POSSIBLY_RELATED = "Possibly related: {tickets}."
 SOURCES = "Sources: {ids}"
-FROM_TICKET = "The same problem was solved before ({id}, {title}): {fix}"
+FIXED_BEFORE = "What fixed this before: {fix} ({id}{took})"
 FIX_TIME = "Estimated fix time: about {hours:g} h"
 DELAYED = "Sorry, this is taking longer than usual. I'm still on it."
 FAILED = "Sorry, I couldn't answer this one (reference {ref}). It has been logged; reply /escalate to reach a technician."

@@ -115,6 +115,10 @@ def conversation_record(session: Session, conversation_id: int, counts: dict[str
         # A held message failed anonymization: the conversation may carry raw personal data.
         counts["conversations_held"] += 1
         return None
+    if any(m.flagged for m in messages):
+        # The output check removed something planted (an address, a link): such material never trains.
+        counts["conversations_flagged"] += 1
+        return None
     ids = [m.id for m in messages]
     ratings: dict[int, list[Rating]] = defaultdict(list)
     for r in session.scalars(select(Rating).where(Rating.message_id.in_(ids))):
@@ -157,6 +161,12 @@ def conversation_record(session: Session, conversation_id: int, counts: dict[str
             continue
         cited += [str(s) for s in (m.sources or []) if str(s) not in cited]
         score = message_score(ratings.get(m.id, []))
+        if m.fallback and score == GOOD:
+            # A 👍 on a ticket's own repair text quoted in place of the model's: the model earned nothing.
+            # It stays as context, never as a target or a KTO row.
+            counts["answers_fallback"] += 1
+            turns.append({"role": "assistant", "content": text, "weight": 0})
+            continue
         if score and turns:
             kto.append({"prompt": [dict(t) for t in turns], "completion": text, "label": score == GOOD})
         resolved_fix = resolutions.get(m.id) or (resolutions.get(m.reply_to_id) if m.reply_to_id else None)
@@ -251,11 +261,16 @@ def records_from_dialogues(path: Path, counts: dict[str, int]) -> Iterator[Recor
 
 def records_from_tickets(path: Path, counts: dict[str, int]) -> Iterator[Record]:
     """Resolved tickets as one-turn Q/A: the reported problem -> the work performed."""
+    from core.trust import instruction_signals
+
     for number, row in _jsonl(path, counts):
         title = str(row.get("title") or "").strip()
         fix = str(row.get("work_performed") or "").strip()
         if not title or not fix:
             counts["rows_without_answer"] += 1
+            continue
+        if instruction_signals(title, fix, str(row.get("machine") or row.get("part") or "")):
+            counts["rows_quarantined"] += 1  # would be quarantined at ingest; never a training target
             continue
         question = title
         if row.get("machine") or row.get("part"):
@@ -263,6 +278,34 @@ def records_from_tickets(path: Path, counts: dict[str, int]) -> Iterator[Record]
         yield Record(
             key=f"ticket:{row.get('ticket_id') or row.get('id') or number}",
             messages=[{"role": "user", "content": question}, {"role": "assistant", "content": fix}],
+        )
+
+
+def records_from_store(session: Session, index: Any, counts: dict[str, int], *, neighbours: int = 2,
+                       limit: int | None = None) -> Iterator[Record]:
+    """The company's own resolved tickets (already anonymized and screened at ingest) as the first
+    training set: the reported problem -> the repair that was done, under the system prompt the worker
+    would build, quoting the ticket's nearest *other* tickets, so that the model learns to write a fix
+    from similar tickets as it must when it serves, not to copy the one ticket it was shown."""
+    from model.prompt import build_messages
+    from retrieval.store import TicketIn, problem_text
+
+    query = select(Ticket).where(Ticket.work_performed != "").order_by(Ticket.id)
+    if limit:
+        query = query.limit(limit)
+    for row in session.scalars(query):
+        ticket = TicketIn.from_row(row)
+        question = problem_text(ticket)
+        if not question or not ticket.work_performed.strip():
+            counts["rows_without_answer"] += 1
+            continue
+        counts["rows_read"] += 1
+        hits = [h for h in index.search(question, k=neighbours + 1).hits if h.id != ticket.id][:neighbours]
+        system = build_messages(question="", tickets=hits)[0]
+        yield Record(
+            key=f"ticket:{ticket.id}",
+            messages=[system, {"role": "user", "content": question},
+                      {"role": "assistant", "content": ticket.work_performed.strip()}],
         )
 
 
@@ -514,6 +557,31 @@ def export(
         scrub=scrub,
         counts=counts,
         source="rated conversations",
+        validation_percent=validation_percent,
+        tokenizer=tokenizer,
+        max_seq_len=max_seq_len,
+    )
+
+
+def export_store(
+    *,
+    session: Session,
+    index: Any,
+    out_dir: Path,
+    scrub: Scrub | None,
+    tokenizer: Any = None,
+    validation_percent: int = DEFAULT_VALIDATION_PERCENT,
+    max_seq_len: int = 1024,
+    limit: int | None = None,
+) -> ExportSummary:
+    """The stored tickets as question -> answer conversations (``records_from_store``), to bootstrap."""
+    counts = new_counts()
+    return write_dataset(
+        records_from_store(session, index, counts, limit=limit),
+        out_dir,
+        scrub=scrub,
+        counts=counts,
+        source="stored tickets",
         validation_percent=validation_percent,
         tokenizer=tokenizer,
         max_seq_len=max_seq_len,

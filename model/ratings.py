@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -16,6 +18,12 @@ _WORDS = {
     "good": GOOD, "+1": GOOD, "1": GOOD, "up": GOOD, "yes": GOOD, "👍": GOOD,
     "bad": BAD, "-1": BAD, "down": BAD, "no": BAD, "👎": BAD,
 }  # fmt: skip
+
+
+def _default_anonymize(text: str) -> str:
+    from bot.privacy import scrub
+
+    return scrub(text)
 
 
 def parse_value(value: int | str | bool) -> int:
@@ -37,6 +45,7 @@ def rate(
     value: int | str | bool,
     reason: str | None = None,
     user_id: int | None = None,
+    anonymize: Callable[[str], str] | None = None,
 ) -> Rating:
     """Store one person's rating of an assistant answer; a second rating by the same person replaces it."""
     score = parse_value(value)
@@ -48,6 +57,10 @@ def rate(
             f"message {message_id} is a {message.role.value} message; only assistant answers can be rated"
         )
     reason = (reason or "").strip()[:MAX_REASON_CHARS] or None
+    if reason is not None:
+        # A reason is free text from a person, like a chat message: it is stored only anonymized, whatever
+        # the caller did before (placeholders it already holds stay as they are).
+        reason = (anonymize or _default_anonymize)(reason) or None
     # SQL unique constraints treat NULL user ids as distinct, so the replace is done here, not by the index.
     owner = Rating.user_id.is_(None) if user_id is None else Rating.user_id == user_id
     rating = session.scalars(

@@ -185,6 +185,9 @@ class LanguageModel:
             stopping_criteria=StoppingCriteriaList([deadline]),
             pad_token_id=pad,
             do_sample=self.settings.temperature > 0,
+            # Small models loop ("The machine is malfunctioning." eight times); these two stop it at the source.
+            repetition_penalty=self.settings.repetition_penalty,
+            no_repeat_ngram_size=self.settings.no_repeat_ngram_size,
         )
         if self.settings.temperature > 0:
             kwargs["temperature"] = self.settings.temperature

@@ -14,7 +14,8 @@ import json
 import random
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +66,24 @@ def score_rankings(rankings: list[list[str]], relevant: list[set[str]], k: int) 
     return scores
 
 
+@contextmanager
+def temporary_store(settings: Settings, *, model_dir: Path | None = None) -> Iterator[tuple[Settings, Database]]:
+    """Settings and a migrated database in a throwaway data dir: an evaluation never touches the real store."""
+    with tempfile.TemporaryDirectory(prefix="supportbot-eval-") as tmp:
+        update: dict[str, Any] = {"data_dir": Path(tmp), "database_url": None}
+        if model_dir is not None:
+            update["embedding_model"] = str(model_dir)
+        temp_settings = settings.model_copy(update=update)
+        temp_settings.__dict__.pop("db_url", None)  # a cached_property computed for the real data_dir
+        temp_settings.ensure_dirs()
+        upgrade(temp_settings.db_url)
+        db = Database(temp_settings.db_url)
+        try:
+            yield temp_settings, db
+        finally:
+            db.engine.dispose()
+
+
 def evaluate(*, settings: Settings, tickets: Path, queries: Path, k: int = 10,
              mapping: Mapping[str, str] | None = None, model_dir: Path | None = None) -> dict[str, Any]:
     """Ingest ``tickets`` into a throwaway store with the configured (maybe tuned) model; score ``queries``."""
@@ -73,24 +92,14 @@ def evaluate(*, settings: Settings, tickets: Path, queries: Path, k: int = 10,
 
     wanted = read_queries(queries)
     model = model_dir or resolve_model_dir(settings)
-    with tempfile.TemporaryDirectory(prefix="supportbot-eval-") as tmp:
-        temp_settings = settings.model_copy(
-            update={"data_dir": Path(tmp), "database_url": None, "embedding_model": str(model)}
-        )
-        temp_settings.__dict__.pop("db_url", None)  # a cached_property computed for the real data_dir
-        temp_settings.ensure_dirs()
-        upgrade(temp_settings.db_url)
-        db = Database(temp_settings.db_url)
-        try:
-            report = ingest_file(settings=temp_settings, db=db, path=tickets, mapping=mapping)
-            if report.index_error:
-                raise InputError(f"indexing {tickets} failed: {report.index_error}")
-            index = TicketIndex.open(settings=temp_settings, db=db)
-            started = time.perf_counter()
-            rankings = [index.rank_ids(query, max(k, 10)) for query, _ in wanted]
-            elapsed = time.perf_counter() - started
-        finally:
-            db.engine.dispose()
+    with temporary_store(settings, model_dir=model) as (temp_settings, db):
+        report = ingest_file(settings=temp_settings, db=db, path=tickets, mapping=mapping)
+        if report.index_error:
+            raise InputError(f"indexing {tickets} failed: {report.index_error}")
+        index = TicketIndex.open(settings=temp_settings, db=db)
+        started = time.perf_counter()
+        rankings = [index.rank_ids(query, max(k, 10)) for query, _ in wanted]
+        elapsed = time.perf_counter() - started
     scores = score_rankings(rankings, [rel for _, rel in wanted], max(k, 10))
     if k != 10:
         scores = {**score_rankings(rankings, [rel for _, rel in wanted], k), "n": len(wanted)}

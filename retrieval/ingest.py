@@ -111,8 +111,8 @@ class IngestReport:
             "updated_ids": self.updated,
             "rejected": [{"line": e.line, "reason": e.reason} for e in self.skipped],
             "duplicate_rows": [{"line": n.line, "id": n.id, "detail": n.detail} for n in self.duplicate_rows],
-            "truncated_fields": [{"line": n.line, "id": n.id, "field": n.detail} for n in self.truncated],
-            "masked_fields": [{"line": n.line, "id": n.id, "detail": n.detail} for n in self.masked],
+            "truncated_rows": [{"line": n.line, "id": n.id, "field": n.detail} for n in self.truncated],
+            "masked_rows": [{"line": n.line, "id": n.id, "detail": n.detail} for n in self.masked],
             "quarantined_tickets": [{"line": n.line, "id": n.id, "reasons": n.detail} for n in self.quarantined],
         }
 
@@ -141,6 +141,12 @@ def screen_ticket(ticket: TicketIn, anonymize: Anonymize) -> Screened:
         if result.entities:
             masked[name] = sorted({e.type for e in result.entities})
     return Screened(replace(ticket, **values), masked, reasons)
+
+
+def stored_limit(settings: Settings) -> int:
+    """Characters of one ticket field that are kept: what the privacy layer anonymizes in bounded time
+    (privacy_max_chars), never more than max_stored_chars. Cut here, so the report says so."""
+    return min(settings.max_stored_chars, settings.privacy_max_chars)
 
 
 def ticket_anonymizer(settings: Settings) -> Anonymize:
@@ -312,7 +318,7 @@ def ingest_file(*, settings: Settings, db: Database, path: Path | str, mapping: 
     update the index. With ``strict``, any row that is not a clean add or update stops the whole file
     before anything is stored."""
     path = Path(path)
-    tickets, report = parse_file(path, mapping=mapping, max_chars=settings.max_stored_chars)
+    tickets, report = parse_file(path, mapping=mapping, max_chars=stored_limit(settings))
     lines = report.lines
     if not tickets:
         if report.skipped:

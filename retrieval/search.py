@@ -390,9 +390,9 @@ class TicketIndex:
 
         A technician's resolution is untrusted text like any ticket: it is anonymized and screened
         here, and one that reads like instructions to an assistant is quarantined, not indexed."""
-        from retrieval.ingest import screen_ticket, store_screened, ticket_anonymizer
+        from retrieval.ingest import screen_ticket, store_screened, stored_limit, ticket_anonymizer
 
-        max_chars = self.settings.max_stored_chars
+        max_chars = stored_limit(self.settings)
         valid = [store.validate_ticket(t, max_chars=max_chars, source=source) for t in tickets]
         anonymize = anonymize or ticket_anonymizer(self.settings)
         screened = [screen_ticket(t, anonymize) for t in valid]

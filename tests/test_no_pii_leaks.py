@@ -6,16 +6,15 @@ from __future__ import annotations
 import sqlite3
 import subprocess
 import sys
-import threading
 
 import pytest
-import redis
 
 from bot.cli import make_intake
 from bot.console import Console
 from core.db import Database, upgrade
 from core.settings import load_settings
 from tests.conftest import ROOT, WorkerProcess, seed_tickets, settings_env
+from tests.helpers import BrokerWatch
 
 PLANTED = {
     "name": "Priya Raman",
@@ -49,43 +48,27 @@ def test_planted_pii_reaches_no_store_queue_log_or_export(tmp_path, redis_url):
     db = Database.from_settings(settings)
     seed_tickets(settings, db)
 
-    client = redis.Redis.from_url(redis_url)
-    client.flushdb()
-    traffic: list[str] = []
-    stop = threading.Event()
-
-    def watch() -> None:
-        with client.monitor() as monitor:
-            for command in monitor.listen():
-                traffic.append(command["command"])
-                if stop.is_set():
-                    return
-
-    watcher = threading.Thread(target=watch, daemon=True)
-    watcher.start()
-
-    worker = WorkerProcess(settings, name="pii", extra=["--loglevel", "DEBUG"])
-    try:
-        worker.wait_ready(db)
-        console = Console(settings=settings, db=db, intake=make_intake(settings, db))
-        replies = [console.ask(turn) for turn in TURNS]
-        assert all(r.answer for r in replies)
-        cli = subprocess.run(
-            [sys.executable, "-m", "bot.cli", "-v", "ask", TURNS[1], "--json"],
-            env=settings_env(settings), cwd=ROOT, capture_output=True, timeout=300,
-        )
-        assert cli.returncode == 0, cli.stderr.decode()[-2000:]
-        for reply in replies:
-            subprocess.run([sys.executable, "-m", "bot.cli", "rate", str(reply.message_id), "good"],
-                           env=settings_env(settings), cwd=ROOT, check=True, capture_output=True, timeout=120)
-        export_dir = tmp_path / "export"
-        exported = subprocess.run([sys.executable, "-m", "bot.cli", "export", "--out", str(export_dir)],
-                                  env=settings_env(settings), cwd=ROOT, capture_output=True, timeout=300)
-        assert exported.returncode == 0, exported.stderr.decode()[-2000:]
-    finally:
-        stop.set()
-        client.ping()  # wakes the monitor loop so it sees the stop flag
-        worker.stop()
+    with BrokerWatch(redis_url) as broker:
+        worker = WorkerProcess(settings, name="pii", extra=["--loglevel", "DEBUG"])
+        try:
+            worker.wait_ready(db)
+            console = Console(settings=settings, db=db, intake=make_intake(settings, db))
+            replies = [console.ask(turn) for turn in TURNS]
+            assert all(r.answer for r in replies)
+            cli = subprocess.run(
+                [sys.executable, "-m", "bot.cli", "-v", "ask", TURNS[1], "--json"],
+                env=settings_env(settings), cwd=ROOT, capture_output=True, timeout=300,
+            )
+            assert cli.returncode == 0, cli.stderr.decode()[-2000:]
+            for reply in replies:
+                subprocess.run([sys.executable, "-m", "bot.cli", "rate", str(reply.message_id), "good"],
+                               env=settings_env(settings), cwd=ROOT, check=True, capture_output=True, timeout=120)
+            export_dir = tmp_path / "export"
+            exported = subprocess.run([sys.executable, "-m", "bot.cli", "export", "--out", str(export_dir)],
+                                      env=settings_env(settings), cwd=ROOT, capture_output=True, timeout=300)
+            assert exported.returncode == 0, exported.stderr.decode()[-2000:]
+        finally:
+            worker.stop()
 
     # The conversation kept its meaning: pseudonyms, not blanks, and the same person is the same placeholder.
     with db.session() as session:
@@ -97,8 +80,8 @@ def test_planted_pii_reaches_no_store_queue_log_or_export(tmp_path, redis_url):
 
     dump = "\n".join(sqlite3.connect(settings.db_url.removeprefix("sqlite:///")).iterdump())
     _assert_clean("the SQL database", dump)
-    assert traffic, "the broker watch saw nothing"
-    _assert_clean("the broker traffic", "\n".join(traffic))
+    assert broker.commands, "the broker watch saw nothing"
+    _assert_clean("the broker traffic", broker.text)
     _assert_clean("the worker log", worker.log.read_text(errors="replace"))
     _assert_clean("the CLI output", cli.stderr.decode(errors="replace") + cli.stdout.decode(errors="replace"))
     files = [p for p in export_dir.rglob("*") if p.is_file()]

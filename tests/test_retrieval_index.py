@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 from pathlib import Path
@@ -12,10 +11,11 @@ from sqlalchemy import select
 
 from core.db import Database
 from core.schema import Ticket
-from retrieval.cli import SEED_FILE, register
+from retrieval.cli import SEED_FILE
 from retrieval.evaluate import evaluate
 from retrieval.ingest import ingest_file
 from retrieval.search import TicketIndex
+from tests.helpers import retrieval_cli
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
@@ -110,14 +110,7 @@ def test_ann_index_above_threshold(env):
 
 def test_cli_seed_reindex_and_eval(env, capsys):
     settings, db = env
-    parser = argparse.ArgumentParser()
-    root = parser.add_subparsers(dest="command")
-    eval_parser = root.add_parser("eval")
-    register({"root": root, "eval": eval_parser.add_subparsers(dest="eval_command")})
-
-    def run(*argv: str) -> int:
-        args = parser.parse_args(list(argv))
-        return args.func(args, settings)
+    run = retrieval_cli(settings)
 
     assert run("tickets", "seed") == 0
     assert run("tickets", "seed") == 0  # not twice

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import re
 import threading
 import time
 import uuid
@@ -17,41 +16,16 @@ from core.schema import Message, MessageRole, MessageStatus, ModelStatus, ModelV
 from core.settings import Settings
 from core.types import SearchResult, TicketHit
 from model.prompt import Turn, build_messages, estimate_hours
+from workers.compose import Composed, compose
+from workers.observability import COMPOSITION
 
 log = logging.getLogger(__name__)
-
-
-def _words(text: str) -> set[str]:
-    return {w for w in re.findall(r"[a-z0-9]+", text.lower()) if len(w) > 2}
-
-
-def is_echo(answer: str, question: str) -> bool:
-    """Small models sometimes repeat the question instead of answering; such text helps nobody."""
-    said, asked = _words(answer), _words(question)
-    return not said or (len(said - asked) <= 2 and len(said) <= len(asked) + 2)
 
 
 def prompt_tickets(result: SearchResult, min_confidence: float) -> list[TicketHit]:
     """Only tickets the retriever is confident about are shown to the model and cited as sources;
     a weak third hit would dilute the prompt and the fix-time estimate."""
     return [h for h in result.hits if h.score >= min_confidence] or list(result.hits[:1])
-
-
-def compose(answer: str, hits: list[TicketHit], hours: float | None, *, question: str = "") -> str:
-    """The model's text plus the sources and the fix-time estimate, which never depend on the model.
-
-    When the model produced nothing useful, the best ticket's own fix is the answer: grounded, and
-    better than an echo."""
-    text = answer.strip()
-    if hits and (not text or is_echo(text, question)):
-        best = hits[0]
-        text = texts.FROM_TICKET.format(id=best.id, title=best.title or best.id, fix=best.work_performed or best.condition)
-    lines = [text]
-    if hits:
-        lines.append(texts.SOURCES.format(ids="; ".join(f"[{h.id}] {h.title}".strip() for h in hits)))
-    if hours is not None:
-        lines.append(texts.FIX_TIME.format(hours=hours))
-    return "\n\n".join(line for line in lines if line)
 
 
 class Answerer:
@@ -135,18 +109,27 @@ class Answerer:
             # the search itself (embedding, FAISS: OpenMP too) on the torch thread, then finds it fresh.
             self.index.refresh()
             result = self.batcher.call(self.index.search, query, k=self.settings.retrieval_k)
-            reply, hits, hours = self._write(query, turns, result)
+            composed, hits, hours = self._write(query, turns, result)
+            reply = composed.text
             if truncated:
                 reply = texts.TRUNCATED_NOTE.format(limit=self.settings.max_message_chars) + "\n\n" + reply
             status, error = MessageStatus.answered, None
         except GenerationTimeout as err:
             log.error("message %s: generation timed out (ref %s)", message_id, ref)
             reply, hits, hours, result = texts.TIMED_OUT.format(ref=ref), [], None, SearchResult()
+            composed = Composed(reply)
             status, error = MessageStatus.failed, f"timeout: {err} (ref {ref})"
         except SupportbotError as err:
             log.exception("message %s failed (ref %s)", message_id, ref)
             reply, hits, hours, result = texts.FAILED.format(ref=ref), [], None, SearchResult()
+            composed = Composed(reply)
             status, error = MessageStatus.failed, f"{type(err).__name__}: {err} (ref {ref})"
+        for kind in ("fallback", "flagged"):
+            if getattr(composed, kind):
+                COMPOSITION.labels(kind=kind).inc()
+        if composed.fallback or composed.flagged:
+            log.info("message %s: model text %s%s", message_id, "dropped" if composed.fallback else "kept",
+                     f" ({'; '.join(composed.notes)})" if composed.notes else "")
 
         with self.db.session() as session:
             question = session.get(Message, message_id)
@@ -161,6 +144,9 @@ class Answerer:
                 estimated_hours=hours,
                 status=status,
                 error=error,
+                fallback=composed.fallback,
+                flagged=composed.flagged,
+                notes=composed.notes,
             )
         if created:
             self.deliver(stored.id)
@@ -173,18 +159,26 @@ class Answerer:
 
         return deliver_stored(db=self.db, settings=self.settings, reply_id=reply_id)
 
-    def _write(self, query: str, turns: list[Turn], result: SearchResult) -> tuple[str, list[TicketHit], float | None]:
+    def _write(self, query: str, turns: list[Turn], result: SearchResult) -> tuple[Composed, list[TicketHit], float | None]:
         if not result.hits or result.confidence < self.settings.min_confidence:
             reply = texts.NOT_SURE
             if result.hits:
                 near = ", ".join(f"{h.id} ({h.title})" if h.title else h.id for h in result.hits[:2])
                 reply += "\n\n" + texts.POSSIBLY_RELATED.format(tickets=near)
-            return reply, [], None
+            return Composed(reply), [], None
         hits = prompt_tickets(result, self.settings.min_confidence)
         messages = build_messages(question=query, tickets=hits, history=turns)
         generation = self.batcher.generate(messages, timeout_s=self.settings.answer_soft_limit_s)
         hours = estimate_hours(hits)
-        text = compose(generation.text, hits, hours, question=query)
+        composed = compose(
+            generation.text,
+            hits,
+            hours,
+            question=query,
+            # What the user said may come back (their own phone number); nothing else may.
+            user_texts=[t.content for t in turns if t.role == "user"],
+            trusted_domains=self.settings.trusted_domains,
+        )
         if generation.timed_out:
-            text = texts.CUT_SHORT + "\n\n" + text  # the user knows why the answer stops mid-way
-        return text, hits, hours
+            composed.text = texts.CUT_SHORT + "\n\n" + composed.text  # the user knows why it stops mid-way
+        return composed, hits, hours

@@ -35,6 +35,11 @@ GENERATION_SECONDS = Histogram(
 BATCH_SIZE = Histogram(
     "supportbot_batch_size", "Conversations per generation batch", buckets=(1, 2, 4, 8, 16, 32)
 )
+COMPOSITION = Counter(
+    "supportbot_answer_composition_total",
+    "Answers whose model text was dropped for the tickets' fix (fallback) or that the output check changed (flagged)",
+    ["kind"],
+)
 SWEEPER = Counter("supportbot_sweeper_total", "What the sweeper did to unanswered messages", ["action"])
 
 _metrics_started = False

@@ -132,8 +132,29 @@ def collect(settings: Settings) -> dict[str, Any]:
             .order_by(Message.id.desc())
             .limit(200)
         ).all()
+        # How often the model's text was dropped for a ticket's (fallback) or changed by the output check
+        # (flagged), over the last week's answers: the admin's first sign that the model needs training.
+        week = now - timedelta(days=7)
+        total, fallback, flagged = session.execute(
+            select(
+                func.count(Message.id),
+                func.count(Message.id).filter(Message.fallback.is_(True)),
+                func.count(Message.id).filter(Message.flagged.is_(True)),
+            ).where(
+                Message.role == MessageRole.assistant,
+                Message.model_version != "supportbot-rules",  # intake's own replies (empty, binary, held)
+                Message.created_at > week,
+                Message.status.in_([MessageStatus.answered, MessageStatus.sent]),
+            )
+        ).one()
     lat = sorted(latencies)
     return {
+        "answers_7d": {
+            "total": int(total or 0),
+            "fallback": int(fallback or 0),
+            "flagged": int(flagged or 0),
+            "fallback_rate": round(fallback / total, 3) if total else None,
+        },
         "workers": [w for w in workers if w["alive"]],
         "queues": queue_depths(settings),
         "reserved": reserved_tasks(settings),
@@ -161,6 +182,12 @@ def render(report: dict[str, Any]) -> str:
     lines.append("queues: " + depths)
     lines.append("messages: " + ", ".join(f"{k}={v}" for k, v in sorted(report["messages"].items())))
     lines.append(f"active model: {report['active_model'] or 'base (no adapter)'}")
+    answers = report.get("answers_7d") or {}
+    if answers.get("total"):
+        lines.append(
+            f"answers (7 days): {answers['total']}, model text dropped for the ticket's fix (fallback) "
+            f"{answers['fallback']} ({answers['fallback_rate']:.0%}), changed by the output check {answers['flagged']}"
+        )
     lat = report["latency_ms"]
     if lat["n"]:
         lines.append(f"answer latency: p50 {lat['p50']:.0f} ms, p95 {lat['p95']:.0f} ms over {lat['n']}")

@@ -1,0 +1,58 @@
+"""Small test helpers shared by several test modules (fixtures live in conftest.py)."""
+
+from __future__ import annotations
+
+import argparse
+import threading
+from collections.abc import Callable
+
+import redis
+
+from core.settings import Settings
+
+
+class BrokerWatch:
+    """Every command the Redis broker receives while the block runs (MONITOR): where leaks would show."""
+
+    def __init__(self, url: str) -> None:
+        self.client = redis.Redis.from_url(url)
+        self.commands: list[str] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+
+    def _watch(self) -> None:
+        with self.client.monitor() as monitor:
+            for command in monitor.listen():
+                self.commands.append(command["command"])
+                if self._stop.is_set():
+                    return
+
+    def __enter__(self) -> BrokerWatch:
+        self.client.flushdb()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self.client.ping()  # wakes the monitor loop so it sees the stop flag
+        self._thread.join(5)
+
+    @property
+    def text(self) -> str:
+        return "\n".join(self.commands)
+
+
+def retrieval_cli(settings: Settings) -> Callable[..., int]:
+    """``run("tickets", "ingest", path)``: the retrieval commands as the CLI parses them, in this process."""
+    from retrieval.cli import register
+
+    parser = argparse.ArgumentParser()
+    root = parser.add_subparsers(dest="command")
+    eval_parser = root.add_parser("eval")
+    register({"root": root, "eval": eval_parser.add_subparsers(dest="eval_command")})
+
+    def run(*argv: str) -> int:
+        args = parser.parse_args(list(argv))
+        return args.func(args, settings)
+
+    return run

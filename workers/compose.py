@@ -1,0 +1,188 @@
+"""Grounded composition: the answer an employee reads, built from the tickets' proven fix and the model's text.
+
+The tickets' repair text is the part we trust most, so it is always there, in its own clearly marked
+part. The model's own text comes first only when it adds something: text that loops, repeats the
+question, drifts away from the tickets and the question, or stops mid-sentence is trimmed or dropped.
+Then nothing in the answer may point somewhere nobody gave us (core/trust.py), and ticket ids the model
+made up are removed. ``fallback`` records that the model's text was dropped, so that neither metrics
+nor training credit the model with the ticket's words.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+from core import texts
+from core.trust import check_answer
+from core.types import TicketHit
+
+STOPWORDS = frozenset(
+    ["a", "an", "and", "are", "as", "at", "be", "been", "but", "by", "can", "could", "did", "do", "does", "for", "from", "had", "has", "have", "how", "i", "if", "in", "is", "it", "its", "me", "my", "no", "not", "of", "on", "or", "our", "please", "so", "that", "the", "their", "then", "there", "these", "this", "to", "was", "we", "were", "what", "when", "which", "while", "who", "why", "will", "with", "would", "you", "your"]
+)
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+|\n+")
+_TERMINAL = (".", "!", "?", ")", "\"", "'", ":")
+MAX_FIX_CHARS = 700
+
+
+def words(text: str) -> list[str]:
+    return [w for w in re.findall(r"[a-z0-9]+", text.lower()) if len(w) > 1 and w not in STOPWORDS]
+
+
+def is_echo(answer: str, question: str) -> bool:
+    """The model repeated the question instead of answering. A short real answer ("Restart the printer.")
+    is not an echo: it brings a word of its own for every word it shares."""
+    said, asked = set(words(answer)), set(words(question))
+    if not said:
+        return True
+    new = said - asked
+    return not new or (len(said) >= 4 and len(new) / len(said) < 0.25)
+
+
+def sentences(text: str) -> list[str]:
+    return [s.strip() for s in _SENTENCE_END.split(text) if s and s.strip()]
+
+
+def _normal(sentence: str) -> str:
+    return " ".join(words(sentence))
+
+
+def is_loop(text: str) -> bool:
+    """A repetition loop: one sentence three times or more, or a text made mostly of repeated 4-grams."""
+    said = [_normal(s) for s in sentences(text)]
+    said = [s for s in said if s]
+    if said and Counter(said).most_common(1)[0][1] >= 3:
+        return True
+    tokens = words(text)
+    grams = [tuple(tokens[i : i + 4]) for i in range(len(tokens) - 3)]
+    if len(grams) >= 12:
+        repeated = sum(n - 1 for n in Counter(grams).values() if n > 1)
+        return repeated / len(grams) > 0.3
+    return False
+
+
+def _dedupe_sentences(text: str) -> str:
+    seen: set[str] = set()
+    kept = []
+    for sentence in sentences(text):
+        key = _normal(sentence)
+        if key and key in seen:
+            continue
+        seen.add(key)
+        kept.append(sentence)
+    return " ".join(kept)
+
+
+def _complete(text: str) -> str:
+    """Cut a text that stops mid-sentence back to its last full sentence ("" when there is none)."""
+    text = text.strip()
+    if not text or text.endswith(_TERMINAL):
+        return text
+    cut = max(text.rfind(". "), text.rfind("! "), text.rfind("? "), text.rfind(".\n"))
+    return text[: cut + 1].strip() if cut > 0 else ""
+
+
+# "[SB-1]", "[ticket 42]": a bracketed token with a digit in it; "[Enter]" is a key, not a citation.
+_CITATION = re.compile(r"\[\s*(?:ticket\s+)?#?([^\[\]\s,;]{0,64}\d[^\[\]\s,;]{0,64})\s*\]", re.IGNORECASE)
+_TICKET_REF = re.compile(r"\bticket\s+#?([A-Za-z0-9][\w.-]{0,127})", re.IGNORECASE)
+
+
+def drop_unknown_ids(text: str, known: Iterable[str]) -> str:
+    """Ticket ids the model wrote that were not retrieved: an invented source is worse than none."""
+    ids = {k.lower() for k in known}
+
+    def cite(m: re.Match[str]) -> str:
+        return m.group(0) if m.group(1).lower() in ids else ""
+
+    def ref(m: re.Match[str]) -> str:
+        token = m.group(1).rstrip(".,;:")
+        if token.lower() in ids or not any(ch.isdigit() for ch in token):
+            return m.group(0)  # "ticket above", "ticket system": words, not ids
+        return "an earlier ticket"
+
+    text = _CITATION.sub(cite, text)
+    text = _TICKET_REF.sub(ref, text)
+    return re.sub(r"[ \t]{2,}", " ", re.sub(r"\s+([.,;:])", r"\1", text)).strip()
+
+
+def check_model_text(text: str, *, question: str, hits: Sequence[TicketHit]) -> tuple[str, list[str]]:
+    """The model's text, trimmed, or "" when it fails; and the reasons for what was done to it."""
+    notes: list[str] = []
+    text = drop_unknown_ids(text.strip(), [h.id for h in hits])
+    if not text:
+        return "", ["empty"]
+    if is_loop(text):
+        return "", ["loop"]
+    deduped = _dedupe_sentences(text)
+    if deduped != text:
+        notes.append("repeated sentences removed")
+        text = deduped
+    complete = _complete(text)
+    if complete != text:
+        notes.append("cut mid-sentence")
+        text = complete
+    if not text:
+        return "", [*notes, "no full sentence"]
+    if is_echo(text, question):
+        return "", [*notes, "echo of the question"]
+    said = set(words(text))
+    if hits:
+        grounding = set(words(question)) | {w for h in hits for w in words(h.render(2000))}
+        if not said & grounding:
+            return "", [*notes, "off topic"]
+        fix = set(words(hits[0].work_performed or hits[0].condition))
+        if fix and len(said) >= 3 and len(said - fix) / len(said) < 0.1:
+            return "", [*notes, "adds nothing to the ticket's fix"]
+    return text, notes
+
+
+def _short_fix(ticket: TicketHit) -> str:
+    fix = (ticket.work_performed or ticket.condition or ticket.title).strip()
+    if len(fix) <= MAX_FIX_CHARS:
+        return fix
+    cut = fix[:MAX_FIX_CHARS]
+    end = max(cut.rfind(". "), cut.rfind(".\n"))
+    return (cut[: end + 1] if end > MAX_FIX_CHARS // 2 else cut.rstrip() + "…").strip()
+
+
+@dataclass
+class Composed:
+    text: str
+    fallback: bool = False  # the model's text was dropped: the answer is the tickets' own fix
+    flagged: bool = False  # the output check removed addresses, links or numbers
+    notes: list[str] = field(default_factory=list)
+
+
+def compose(
+    answer: str,
+    hits: Sequence[TicketHit],
+    hours: float | None,
+    *,
+    question: str = "",
+    user_texts: Iterable[str] = (),
+    trusted_domains: Iterable[str] = (),
+) -> Composed:
+    """The delivered answer: the model's text where it helps, the proven fix, the sources, the fix time."""
+    hits = list(hits)
+    model_text, notes = check_model_text(answer, question=question, hits=hits)
+    parts = [model_text] if model_text else []
+    if hits:
+        best = hits[0]
+        took = f", about {best.hours:g} h" if best.hours is not None else ""
+        parts.append(texts.FIXED_BEFORE.format(fix=_short_fix(best), id=best.id, took=took))
+        parts.append(texts.SOURCES.format(ids="; ".join(f"[{h.id}] {h.title}".strip() for h in hits)))
+    elif not model_text:
+        parts.append(texts.NOT_SURE)
+    if hours is not None:
+        parts.append(texts.FIX_TIME.format(hours=hours))
+    checked = check_answer(
+        "\n\n".join(parts),
+        user_texts=[question, *user_texts],
+        trusted_domains=trusted_domains,
+        keep=[h.id for h in hits],
+    )
+    if checked.flagged:
+        notes.append("removed: " + ", ".join(sorted(set(checked.removed))))
+    return Composed(text=checked.text, fallback=bool(hits) and not model_text, flagged=checked.flagged, notes=notes)
