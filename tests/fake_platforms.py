@@ -36,6 +36,7 @@ class FakePlatforms:
             [{"id": "U0OKONKWO0", "profile": {"real_name": "Chidi Okonkwo", "display_name": "chidi"}}],
         ]
         self.rate_limits: dict[str, int] = {}  # method -> how many next calls get 429
+        self.rate_limit_where: dict[str, Any] = {}  # method -> which calls count (a predicate on the payload)
         self.updates: list[dict[str, Any]] = []
         self.socket_url: str | None = None
         self._ts = itertools.count(1)
@@ -62,7 +63,8 @@ class FakePlatforms:
                 path = self.path.split("?", 1)[0]
                 method = path.rsplit("/", 1)[-1]
                 with owner._lock:
-                    limited = owner.rate_limits.get(method, 0) > 0
+                    where = owner.rate_limit_where.get(method)
+                    limited = owner.rate_limits.get(method, 0) > 0 and (where is None or where(payload))
                     if limited:
                         owner.rate_limits[method] -= 1
                     elif method == "sendMessage":  # ids in call order, so tests can find a message's id

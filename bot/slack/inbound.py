@@ -44,10 +44,7 @@ def decide(event: dict[str, Any], *, bot_user_id: str | None, via_mention: bool)
     if not via_mention and mentioned and not direct:
         return Decision("ignore")  # Slack sends the same message as app_mention: that one answers it
     stripped = mention_pattern(bot_user_id).sub("", text).strip()
-    if not stripped and event.get("files"):
-        action = "not_text"
-    else:
-        action = "answer"
+    action = "not_text" if not stripped and event.get("files") else "answer"
     if via_mention or direct:
         return Decision(action)
     if event.get("thread_ts") and event.get("thread_ts") != event.get("ts"):
