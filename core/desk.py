@@ -118,16 +118,17 @@ def user_key(user: User) -> str:
 
 
 def is_technician(*, session: Session, settings: Settings, user_id: int | None) -> bool:
-    """A local check until core/roles.py lands: settings ``technicians`` or users.role (admins count:
-    they run the desk from the CLI)."""
+    """Technician or admin by core/roles.py (settings ``technicians``/``admins``, users.role; a `cli:`
+    operator is an admin): admins run the desk too."""
+    from core.roles import role_of
+
     if user_id is None:
         return False
     user = session.get(User, user_id)
     if user is None:
         return False
-    if user.role in (Role.technician, Role.admin) or user.platform == "cli":
-        return True
-    return user_key(user) in set(settings.technicians)
+    role = role_of(session=session, platform=user.platform, external_id=user.external_id, settings=settings)
+    return role in (Role.technician, Role.admin)
 
 
 def _require_technician(*, session: Session, settings: Settings, user_id: int, action: str) -> User:

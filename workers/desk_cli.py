@@ -65,9 +65,9 @@ def register(groups: Groups) -> None:
 
 def _actor(args: argparse.Namespace) -> str:
     """Who acts: --as, else the operator at this terminal (core/roles.py counts `cli:` as an admin)."""
-    import getpass
+    from core.roles import cli_actor
 
-    return args.who or f"cli:{getpass.getuser()}"
+    return args.who or cli_actor().qualified
 
 
 def _no_action(args: argparse.Namespace, settings: Settings) -> int:  # argparse requires one first
