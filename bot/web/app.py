@@ -287,7 +287,7 @@ def create_app(*, settings: Settings, database: Any, overview_ttl_s: float = OVE
         short = [label[5:] for label in data["labels"]]  # MM-DD
         outcome_chart = charts.stacked_bars("Questions per day by outcome", short, data["per_day"])
         latency_chart = charts.lines("Answer latency per day (seconds)", short, {"p50": data["p50"], "p95": data["p95"]})
-        thumbs_chart = charts.lines("👍 share of ratings per day (%)", short, {"👍 %": data["thumbs"]}, y_max=100)
+        thumbs_chart = charts.lines("Answers rated good (👍) per day, % of ratings", short, {"good %": data["thumbs"]}, y_max=100)
         return render(request, "overview.html", who, data=data, periods=PERIODS, ttl=console.overview_ttl_s,
                       charts=[outcome_chart, latency_chart, thumbs_chart])  # fmt: skip
 
