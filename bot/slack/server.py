@@ -72,7 +72,7 @@ class GuardedEndpoint:
         while True:
             try:
                 message = await asyncio.wait_for(receive(), self.read_timeout_s)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 await _respond(send, 408, b"request body not received in time")
                 return
             if message["type"] == "http.disconnect":

@@ -60,7 +60,14 @@ def has_media(message) -> bool:  # type: ignore[no-untyped-def]
 def build_application(*, settings: Settings, intake: Intake):  # type: ignore[no-untyped-def]
     from telegram import ForceReply, ReplyParameters, Update
     from telegram.constants import ChatAction
-    from telegram.ext import AIORateLimiter, Application, CallbackQueryHandler, CommandHandler, MessageHandler, filters
+    from telegram.ext import (
+        AIORateLimiter,
+        Application,
+        CallbackQueryHandler,
+        CommandHandler,
+        MessageHandler,
+        filters,
+    )
 
     if not settings.telegram_bot_token:
         raise ConfigError("SUPPORTBOT_TELEGRAM_BOT_TOKEN is required for Telegram")
