@@ -8,16 +8,52 @@ import json
 import logging
 import os
 import sys
-from typing import Any
+import traceback
+import uuid
+from datetime import datetime, timezone
+from typing import TYPE_CHECKING, Any
 
 from core.commands import Groups, add
 from core.errors import SupportbotError
-from core.settings import Settings, load_settings
+
+if TYPE_CHECKING:
+    from core.settings import Settings
 
 log = logging.getLogger("supportbot")
 
-# Modules that add their own subcommands (see core/commands.py).
-COMMAND_MODULES = ("retrieval.cli", "bot.privacy.cli", "model.cli", "workers.desk_cli", "bot.web.cli")
+# Modules that add their own subcommands (see core/commands.py), with the top-level commands each adds
+# and their help for `supportbot --help`. A command imports only its own module and `--help` none:
+# importing all of them costs about half a second (sqlalchemy, the anonymizer's secret detectors).
+# tests/test_cli_fresh.py checks this table against what the modules really register.
+COMMAND_MODULES: dict[str, dict[str, str]] = {
+    "retrieval.cli": {
+        "tickets": "Resolved tickets: ingest, update, delete, reindex",
+        "retrieval": "Retrieval model maintenance",
+    },
+    "bot.privacy.cli": {
+        "anonymize": "Read messages from stdin (one per line) and write them anonymized, one per line",
+    },
+    "model.cli": {
+        "rate": "rate an assistant answer good or bad",
+        "export": "export rated conversations as fine-tuning data",
+        "train": "fine-tune a LoRA adapter (QLoRA) on exported data",
+        "models": "list, promote or roll back fine-tuned adapters",
+    },
+    "bot.web.cli": {
+        "web": "serve the web console (quality, conversations, models)",
+    },
+    "workers.eval_cli": {},  # only `eval rag`
+    "workers.desk_cli": {  # and `eval summaries`
+        "escalations": "the escalation desk: list, show, claim, resolve, reopen",
+    },
+}
+GROUP_OF_ALL_MODULES = "eval"  # every module adds evaluations to it
+
+NO_SCHEMA = "the database has no tables yet ({url}); run `supportbot db upgrade` first"
+NO_DATABASE = "cannot use the database ({url}): {reason}"
+BAD_PATH = "cannot use {path}: {reason}"
+BAD_SETTING = "invalid setting {name}: {reason}"
+UNEXPECTED = "unexpected error {ref} ({kind}); details in {where}, or run again with --verbose to see them here"
 
 
 def setup_logging(settings: Settings, *, verbose: bool = False) -> None:
@@ -67,23 +103,27 @@ def make_intake(settings: Settings, db):  # type: ignore[no-untyped-def]
 
 
 def _database(settings: Settings):  # type: ignore[no-untyped-def]
-    from core.db import Database, upgrade
+    from core.db import open_database
 
-    upgrade(settings.db_url)  # idempotent; the console must work on a fresh data dir
-    return Database.from_settings(settings)
+    return open_database(settings)  # migrated first: the console must work on a fresh data dir
 
 
 # --- commands -----------------------------------------------------------------------------------
 
 
 def cmd_db(args: argparse.Namespace, settings: Settings) -> int:
+    from alembic.util import CommandError
+
     from core.db import downgrade, upgrade
 
     settings.ensure_dirs()
-    if args.action == "upgrade":
-        upgrade(settings.db_url, args.revision or "head")
-    else:
-        downgrade(settings.db_url, args.revision or "-1")
+    try:
+        if args.action == "upgrade":
+            upgrade(settings.db_url, args.revision or "head")
+        else:
+            downgrade(settings.db_url, args.revision or "-1")
+    except CommandError as err:  # an unknown revision, or nothing left to downgrade
+        raise SupportbotError(f"database {args.action} to {args.revision or 'the default'}: {err}") from err
     print(f"database {args.action} done ({_safe_url(settings.db_url)})")
     return 0
 
@@ -108,6 +148,10 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
 
     upgrade(settings.db_url)
     app = configure(settings)
+    if "answer" in args.queues.split(","):
+        from workers.tasks import preload_in_background
+
+        preload_in_background()  # the model and index load while Celery boots
     argv = [
         "worker",
         "--loglevel",
@@ -134,6 +178,7 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
     from workers.status import collect
 
+    _database(settings)  # a fresh data dir has nothing to report, but no missing tables either
     report = collect(settings)
     if args.json:
         print(json.dumps(report, indent=2, default=str))
@@ -203,7 +248,8 @@ def cmd_chat(args: argparse.Namespace, settings: Settings) -> int:
 # --- parser --------------------------------------------------------------------------------------
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The whole command line; with ``only``, just that command's module is imported (the rest are named)."""
     parser = argparse.ArgumentParser(prog="supportbot", description="Self-hosted support assistant")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     root = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -220,7 +266,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--queues", default="answer,light", help="comma-separated: answer, light, train")
     p.add_argument("--concurrency", type=int, default=int(os.environ.get("SUPPORTBOT_WORKER_CONCURRENCY", 8)))
     p.add_argument("--name", default="supportbot")
-    p.add_argument("--beat", action="store_true", help="also run the periodic jobs (sweeper, export)")
+    # No flag is needed for recovery: every worker runs the sweeper, one at a time (workers/leader.py).
+    p.add_argument("--beat", action="store_true", help="also run the periodic training-data export")
     p.add_argument("--loglevel", default="INFO")
 
     p = add(groups, "root", "status", cmd_status, "workers, queue depths, active model, recent errors")
@@ -238,10 +285,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = add(groups, "root", "chat", cmd_chat, "interactive console chat")
     p.add_argument("--thread", default=None)
 
-    ev = add(groups, "root", "eval", lambda a, s: (parser.parse_args(["eval", "-h"]), 2)[1], "evaluations")
-    groups["eval"] = ev.add_subparsers(dest="eval_command", metavar="WHAT")
+    ev = add(groups, "root", "eval", _no_subcommand, "evaluations")
+    groups["eval"] = ev.add_subparsers(dest="eval_command", metavar="WHAT", required=True)
 
-    for name in COMMAND_MODULES:
+    for name, commands in COMMAND_MODULES.items():
+        if only is not None and only not in commands and only != GROUP_OF_ALL_MODULES:
+            for command, help in commands.items():  # listed in --help, imported when named
+                root.add_parser(command, help=help)
+            continue
         try:
             module = importlib.import_module(name)
         except ImportError as err:
@@ -252,21 +303,82 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _no_subcommand(args: argparse.Namespace, settings: Settings) -> int:  # argparse requires one first
+    return 2
+
+
+def command_of(argv: list[str]) -> str | None:
+    """The command word of ``argv`` (the root parser has only flags without values before it)."""
+    return next((word for word in argv if not word.startswith("-")), None)
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    command = command_of(argv)
+    parser = build_parser(only=command or "")
     args = parser.parse_args(argv)
+    settings: Settings | None = None
     try:
+        from core.settings import load_settings
+
         settings = load_settings()
         setup_logging(settings, verbose=args.verbose)
         return int(args.func(args, settings) or 0)
-    except SupportbotError as err:
-        print(f"supportbot: {err}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         return 130
+    except Exception as err:
+        line, code = explain(err, settings=settings, verbose=args.verbose)
+        print(f"supportbot {command}: {line}" if command else f"supportbot: {line}", file=sys.stderr)
+        return code
+
+
+def explain(err: Exception, *, settings: Settings | None, verbose: bool = False) -> tuple[str, int]:
+    """One line for the user and an exit code: 2 for errors of input or set-up, 1 for the unexpected.
+
+    A user's mistake (a bad path, a fresh database, a wrong setting) is told in its own words; anything
+    else gets a reference, its traceback in DATA_DIR/errors.log, and on screen only with --verbose.
+    """
+    from pydantic import ValidationError
+    from sqlalchemy.exc import OperationalError, ProgrammingError
+
+    if isinstance(err, SupportbotError):
+        return str(err), 2
+    if isinstance(err, ValidationError):
+        first = err.errors()[0]
+        name = "SUPPORTBOT_" + "_".join(str(part) for part in first["loc"]).upper()
+        return BAD_SETTING.format(name=name, reason=first["msg"]), 2
+    if isinstance(err, OSError) and err.filename is not None:
+        return BAD_PATH.format(reason=err.strerror or type(err).__name__, path=err.filename), 2
+    if isinstance(err, (OperationalError, ProgrammingError)) and settings is not None:
+        url = _safe_url(settings.db_url)
+        reason = str(err.orig).splitlines()[0] if err.orig is not None else str(err).splitlines()[0]
+        if "no such table" in reason or "does not exist" in reason:
+            return NO_SCHEMA.format(url=url), 2
+        if isinstance(err, OperationalError):
+            return NO_DATABASE.format(url=url, reason=reason), 2
+    ref = uuid.uuid4().hex[:8]
+    details = "".join(traceback.format_exception(err))
+    if verbose:
+        print(details, file=sys.stderr, end="")
+    where = _log_unexpected(ref, details, settings)
+    return UNEXPECTED.format(ref=ref, kind=type(err).__name__, where=where), 1
+
+
+def _log_unexpected(ref: str, details: str, settings: Settings | None) -> str:
+    """Keep the traceback of an unexpected error where a person can find it by its reference."""
+    if settings is not None:
+        path = settings.data_dir / "errors.log"
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(path, "a", encoding="utf-8") as out:
+                out.write(f"--- {datetime.now(timezone.utc).isoformat()} ref {ref}\n{details}")
+            return str(path)
+        except OSError:
+            pass
+    return "no log (the data dir is not writable)"
 
 
 if __name__ == "__main__":

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from core.settings import Settings
+if TYPE_CHECKING:  # pydantic-settings costs ~0.2 s to import; `supportbot --help` does not need it
+    from core.settings import Settings
 
-Handler = Callable[[argparse.Namespace, Settings], int]
+Handler = Callable[[argparse.Namespace, "Settings"], int]
 Groups = dict[str, Any]  # name -> argparse._SubParsersAction
 
 

@@ -64,6 +64,13 @@ class Database:
             session.close()
 
 
+def open_database(settings: Settings) -> Database:
+    """The database of a command, migrated first: every command works on a fresh data dir."""
+    settings.ensure_dirs()
+    upgrade(settings.db_url)  # idempotent, and cheap when already at head
+    return Database(settings.db_url)
+
+
 def alembic_config(url: str):  # type: ignore[no-untyped-def]
     from alembic.config import Config
 

@@ -172,9 +172,12 @@ def export_command(args: argparse.Namespace, settings: Settings) -> int:
     from model.export import export, export_file
     from workers.train_tasks import _tokenizer
 
+    out = args.out.expanduser().resolve()
+    if not out.is_dir():
+        # An unwritable or impossible --out fails here, in one line (bot.cli), not after the slow loads.
+        out.mkdir(parents=True, exist_ok=True)
     scrub = Anonymizer.from_settings(settings).scrub
     tokenizer = _tokenizer(settings)
-    out = args.out.expanduser().resolve()
     if args.from_dialogues or args.from_tickets:
         kind, path = (
             ("dialogues", args.from_dialogues) if args.from_dialogues else ("tickets", args.from_tickets)

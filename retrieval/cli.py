@@ -86,9 +86,9 @@ def register(groups: Groups) -> None:
 
 
 def _open(settings: Settings):  # type: ignore[no-untyped-def]
-    from core.db import Database
+    from core.db import open_database
 
-    return Database.from_settings(settings)
+    return open_database(settings)  # migrated first: `tickets ingest` and `seed` work on a fresh data dir
 
 
 def _fail(err: SupportbotError) -> int:
@@ -287,9 +287,9 @@ def _eval(args: argparse.Namespace, settings: Settings) -> int:
     from retrieval.ingest import parse_mapping
 
     for path in (args.tickets, args.queries):
-        if not path.exists():
-            print(f"skipped: {path} not found (the dev data lives in ../shared/data)", file=sys.stderr)
-            return 0
+        if not path.is_file():  # a missing input is the user's mistake, not a skipped evaluation
+            print(f"error: {path} not found (the dev data lives in ../shared/data)", file=sys.stderr)
+            return 2
     try:
         scores = evaluate(settings=settings, tickets=args.tickets, queries=args.queries, k=args.k,
                           mapping=parse_mapping(args.map))
@@ -304,9 +304,9 @@ def _eval_cv(args: argparse.Namespace, settings: Settings) -> int:
     from retrieval.evaluate import crossval
     from retrieval.tune import TuneConfig
 
-    if not args.pairs.exists():
-        print(f"skipped: {args.pairs} not found (the dev data lives in ../shared/data)", file=sys.stderr)
-        return 0
+    if not args.pairs.is_file():
+        print(f"error: {args.pairs} not found (the dev data lives in ../shared/data)", file=sys.stderr)
+        return 2
     config = TuneConfig(method=args.method)
     try:
         result = crossval(settings=settings, pairs_path=args.pairs, question_field=args.question_field,
