@@ -148,10 +148,6 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
 
     upgrade(settings.db_url)
     app = configure(settings)
-    if "answer" in args.queues.split(","):
-        from workers.tasks import preload_in_background
-
-        preload_in_background()  # the model and index load while Celery boots
     argv = [
         "worker",
         "--loglevel",

@@ -88,24 +88,6 @@ def answerer():  # type: ignore[no-untyped-def]
         return _answerer
 
 
-def preload_in_background() -> threading.Thread:
-    """Start loading the model and the index now, while Celery boots (cold start: they overlap).
-
-    ``_on_ready`` then only waits for the load to finish. A failed preload is not fatal: the load is
-    tried again there, and its error surfaces there.
-    """
-
-    def load() -> None:
-        try:
-            answerer()
-        except Exception as err:
-            log.warning("preloading the model failed (tried again when the worker is ready): %s", err)
-
-    thread = threading.Thread(target=load, daemon=True, name="preload")
-    thread.start()
-    return thread
-
-
 def _fail(message_id: int, reason: str, user_text: str, *, db: Database | None = None) -> None:
     """End a message failed with a reason; the user reads ``user_text`` (never silence)."""
     with (db or database()).session() as session:
