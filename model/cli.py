@@ -37,6 +37,9 @@ def register(groups: Groups) -> None:
 
     p = add(groups, "root", "train", train_command, "fine-tune a LoRA adapter (QLoRA) on exported data")
     p.add_argument("--data", type=Path, help="an export folder (train.jsonl, validation.jsonl)")
+    p.add_argument("--from-tickets", action="store_true",
+                   help="bootstrap: export the stored tickets as question -> fix conversations, train on them, "
+                        "evaluate and promote through the gate (do this first, after `tickets ingest`)")
     p.add_argument("--local", action="store_true", help="train in this process instead of the `train` queue")
     p.add_argument("--no-wait", action="store_true", help="enqueue and return at once")
     p.add_argument("--wait-timeout", type=float, default=None, help="stop waiting after N seconds")
@@ -212,14 +215,20 @@ def train_command(args: argparse.Namespace, settings: Settings) -> int:
 
     database = _database(settings)
     _authorize(settings, database, "train", f"resume run {args.resume}" if args.resume else f"data {args.data}")
+    data, promote = args.data, args.promote
+    if args.from_tickets:
+        if data is not None or args.resume:
+            raise InputError("--from-tickets makes its own data; leave out --data and --resume")
+        data = _export_stored_tickets(settings, database)
+        promote = True  # the first adapter still has to beat the base model at the gate
     if args.resume:
         run_id = args.resume
     else:
-        if args.data is None:
-            raise InputError("--data is required (an export folder), or --resume RUN_ID")
+        if data is None:
+            raise InputError("--data is required (an export folder), --from-tickets, or --resume RUN_ID")
         with database.session() as session:
             run_id = new_run(
-                session=session, settings=settings, data_dir=args.data, config=config_from_args(args)
+                session=session, settings=settings, data_dir=data, config=config_from_args(args)
             ).id
     if args.local:
         result = run_training(settings=settings, database=database, run_id=run_id)
@@ -253,7 +262,7 @@ def train_command(args: argparse.Namespace, settings: Settings) -> int:
         "version": version,
         "metrics": result.get("metrics"),
     }
-    if args.promote and version:
+    if promote and version:
         payload["gate"] = _gate(settings, database, version, args)
     m = payload["metrics"] or {}
     text = (f"run {run_id} succeeded: candidate {version}, val_loss {m.get('val_loss')} "
@@ -262,6 +271,26 @@ def train_command(args: argparse.Namespace, settings: Settings) -> int:
         text += f"\ngate: {'promoted' if payload['gate']['passed'] else 'refused'}: {payload['gate']['why']}"
     _print(args, payload, text)
     return 0
+
+
+def _export_stored_tickets(settings: Settings, database: Any) -> Path:
+    from datetime import datetime, timezone
+
+    from bot.privacy import Anonymizer
+    from model.export import export_store
+    from retrieval.search import TicketIndex
+    from workers.train_tasks import _tokenizer
+
+    out = settings.data_dir / "exports" / f"tickets-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
+    out.mkdir(parents=True, exist_ok=True)
+    index = TicketIndex.open(settings=settings, db=database)
+    with database.session() as session:
+        summary = export_store(session=session, index=index, out_dir=out,
+                               scrub=Anonymizer.from_settings(settings).scrub, tokenizer=_tokenizer(settings))
+    c = summary.counts
+    print(f"exported {c.get('examples_train', 0)} training and {c.get('examples_validation', 0)} validation "
+          f"conversations from the stored tickets to {out}", file=sys.stderr)
+    return out
 
 
 def _wait(database: Any, run_id: int, timeout: float | None) -> dict[str, Any] | None:

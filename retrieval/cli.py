@@ -42,6 +42,9 @@ def register(groups: Groups) -> None:
     p = add(groups, "tickets", "release", _release, "Release quarantined tickets into the index (admin)")
     p.add_argument("ids", nargs="+")
 
+    p = add(groups, "tickets", "rescreen", _rescreen,
+            "Anonymize and screen tickets stored before this version (stored raw), then update the index")
+
     p = add(groups, "tickets", "reindex", _reindex, "Rebuild the search index from SQL")
 
     p = add(groups, "tickets", "seed", _seed, "Load the bundled example tickets when the store is empty")
@@ -177,6 +180,32 @@ def _quarantine(args: argparse.Namespace, settings: Settings) -> int:
         print("no quarantined tickets")
     for ticket, reasons in rows:
         print(f"{ticket.id}\t{', '.join(reasons)}\t{(ticket.title or ticket.work_performed)[:80]}")
+    return 0
+
+
+def _rescreen(args: argparse.Namespace, settings: Settings) -> int:
+    from sqlalchemy import select
+
+    from core.schema import Ticket
+    from retrieval import store
+    from retrieval.ingest import screen_ticket, store_screened, ticket_anonymizer
+    from retrieval.search import TicketIndex
+
+    db = _open(settings)
+    anonymize = ticket_anonymizer(settings)
+    try:
+        with db.session() as session:
+            tickets = [store.TicketIn.from_row(row) for row in session.scalars(select(Ticket))]
+            screened = [screen_ticket(t, anonymize) for t in tickets]
+            held = [s.ticket.id for s in screened if s.reasons]
+            # Quarantined ones leave the ticket table: an admin vouches for them again with `release`.
+            store.delete_tickets(session=session, ids=held)
+            outcome = store_screened(session=session, screened=screened)
+        TicketIndex.open(settings=settings, db=db)  # opening reconciles the index with SQL
+    except SupportbotError as err:
+        return _fail(err)
+    print(f"{len(tickets)} tickets screened: {len(outcome.updated)} rewritten anonymized, "
+          f"{len(held)} quarantined, {len(outcome.unchanged)} unchanged")
     return 0
 
 

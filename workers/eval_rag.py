@@ -1,0 +1,188 @@
+"""``supportbot eval rag``: the real answer path on questions whose tickets are not in the index.
+
+For each held-out question: retrieve from an index of the other tickets, prompt, generate with the
+model the workers would serve (base + active adapter), compose exactly as the worker does, and score the
+delivered answer with ROUGE-1/2/L (F1, stemmed) against the repair that was really done. Two baselines
+run on the same questions in the same run:
+
+- ``top_ticket``: the repair text of the top retrieved ticket, as it stands (what retrieval alone gives);
+- ``no_retrieval``: the base model answering the question without tickets (what the model alone gives).
+
+The delivered answer is scored on what carries the fix: the model's kept text and the quoted repair.
+The "Sources:" and fix-time lines and the "What fixed this before:" wrapper are formatting, not content,
+and are left out of the score (they are the same for every answer and would only add noise).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from core import texts
+from core.errors import InputError
+from core.settings import Settings
+from model.prompt import build_messages, estimate_hours
+from workers.compose import compose, is_loop
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Case:
+    id: str
+    question: str
+    reference: str
+
+
+def read_cases(path: Path, *, question_field: str, reference_field: str) -> list[dict[str, Any]]:
+    if not path.is_file():
+        raise InputError(f"{path} is not a file")
+    rows = []
+    with open(path, encoding="utf-8") as handle:
+        for line_no, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise InputError(f"{path}:{line_no}: invalid JSON ({err.msg})") from err
+            if not isinstance(row, dict):
+                raise InputError(f"{path}:{line_no}: expected a JSON object")
+            rows.append(row)
+    return rows
+
+
+def held_out(ticket_id: str, percent: int) -> bool:
+    """Deterministic split by ticket id: the same ticket is always on the same side."""
+    return int(hashlib.sha256(ticket_id.encode()).hexdigest()[:8], 16) % 100 < percent
+
+
+def _id(row: dict[str, Any], number: int) -> str:
+    return str(row.get("id") or row.get("ticket_id") or number)
+
+
+def split_tickets(rows: list[dict[str, Any]], percent: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    index, asked = [], []
+    for number, row in enumerate(rows):
+        (asked if held_out(_id(row, number), percent) else index).append(row)
+    return index, asked
+
+
+_SOURCES = texts.SOURCES.split("{", 1)[0]
+_FIX_TIME = texts.FIX_TIME.split("{", 1)[0]
+_FIXED_BEFORE = texts.FIXED_BEFORE.split("{", 1)[0]
+
+
+def scored_text(answer: str) -> str:
+    """The part of a delivered answer that carries the fix (see the module docstring)."""
+    kept = []
+    for line in answer.splitlines():
+        line = line.strip()
+        if not line or line.startswith((_SOURCES, _FIX_TIME)):
+            continue
+        if line.startswith(_FIXED_BEFORE):
+            line = re.sub(r"\s*\([^()]*\)$", "", line[len(_FIXED_BEFORE) :])  # "(SB-1, about 0.5 h)"
+        kept.append(line)
+    return "\n".join(kept)
+
+
+def _percentile(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    return round(ordered[min(len(ordered) - 1, int(q * len(ordered)))], 1)
+
+
+def evaluate_rag(
+    *,
+    settings: Settings,
+    tickets: Path,
+    questions: Path | None = None,
+    holdout_percent: int = 10,
+    question_field: str = "title",
+    reference_field: str = "work_performed",
+    limit: int | None = 50,
+    adapter: str | None = None,
+) -> dict[str, Any]:
+    """The report described in the module docstring. ``questions`` None: hold out a share of ``tickets``."""
+    from model.evaluate import rouge
+    from model.runtime import LanguageModel
+    from retrieval.evaluate import temporary_store
+    from retrieval.ingest import ingest_file
+    from retrieval.search import TicketIndex
+
+    rows = read_cases(tickets, question_field=question_field, reference_field=reference_field)
+    if questions is None:
+        index_rows, asked_rows = split_tickets(rows, holdout_percent)
+    else:
+        index_rows = rows
+        asked_rows = read_cases(questions, question_field=question_field, reference_field=reference_field)
+    cases = [
+        Case(_id(r, n), str(r.get(question_field) or "").strip(), str(r.get(reference_field) or "").strip())
+        for n, r in enumerate(asked_rows)
+    ]
+    cases = [c for c in cases if c.question and c.reference]
+    indexed_ids = {_id(r, n) for n, r in enumerate(index_rows)}
+    cases = [c for c in cases if c.id not in indexed_ids or questions is not None]
+    if limit:
+        cases = cases[:limit]
+    if not cases:
+        raise InputError("no question with a reference answer to evaluate")
+
+    lm = LanguageModel(settings)
+    if adapter:
+        lm.use_adapter(adapter)
+    delivered, top_ticket, no_retrieval, references = [], [], [], []
+    latencies: list[float] = []
+    fallback = loops = not_sure = 0
+    with temporary_store(settings) as (temp_settings, db):
+        history = temp_settings.data_dir / "history.jsonl"
+        history.write_text("".join(json.dumps(r) + "\n" for r in index_rows), encoding="utf-8")
+        report = ingest_file(settings=temp_settings, db=db, path=history)
+        if report.index_error:
+            raise InputError(f"indexing {tickets} failed: {report.index_error}")
+        index = TicketIndex.open(settings=temp_settings, db=db)
+        for case in cases:
+            started = time.perf_counter()
+            result = index.search(case.question, k=settings.retrieval_k)
+            if result.hits and result.confidence >= settings.min_confidence:
+                hits = [h for h in result.hits if h.score >= settings.min_confidence] or result.hits[:1]
+                generation = lm.generate([build_messages(question=case.question, tickets=hits)])[0]
+                composed = compose(generation.text, hits, estimate_hours(hits), question=case.question,
+                                   trusted_domains=settings.trusted_domains)
+                answer, fell_back = composed.text, composed.fallback
+            else:
+                answer, fell_back = texts.NOT_SURE, False
+                not_sure += 1
+            latencies.append((time.perf_counter() - started) * 1000)
+            fallback += fell_back
+            loops += is_loop(answer)
+            delivered.append(scored_text(answer))
+            top_ticket.append(result.hits[0].work_performed if result.hits else "")
+            references.append(case.reference)
+        # The model alone, on the same questions: the base model, no adapter, no tickets.
+        lm.use_adapter(None)
+        for case in cases:
+            generation = lm.generate([build_messages(question=case.question)])[0]
+            no_retrieval.append(generation.text)
+
+    n = len(cases)
+    return {
+        "questions": n,
+        "indexed_tickets": len(report.added) + len(report.updated) + report.unchanged,
+        "model": lm.version if adapter else settings.base_model,
+        "delivered": rouge(delivered, references),
+        "baselines": {"top_ticket": rouge(top_ticket, references), "no_retrieval": rouge(no_retrieval, references)},
+        "model_text_dropped": round(fallback / n, 3),
+        "not_sure": round(not_sure / n, 3),
+        "answers_with_loops": loops,
+        "latency_ms": {"p50": _percentile(latencies, 0.5), "p95": _percentile(latencies, 0.95),
+                       "mean": round(statistics.fmean(latencies), 1)},
+    }
