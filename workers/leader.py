@@ -12,6 +12,7 @@ holder dies, so a worker that comes back after a crash takes over without anyone
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import logging
 import os
@@ -94,10 +95,8 @@ class RedisLease:
             return False
 
     def release(self) -> None:
-        try:
+        with contextlib.suppress(Exception):  # the key expires by itself
             self._release(keys=[self.key], args=[self.token])
-        except Exception:  # the key expires by itself
-            pass
 
 
 def sweeper_lease(settings: Settings) -> Lease:
