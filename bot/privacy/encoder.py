@@ -1,62 +1,145 @@
-"""Contextual word vectors from the embedded MiniLM, the world knowledge the name model stands on.
+"""Runs the fine-tuned MiniLM name tagger (``person_model.py``): a name probability per character span.
 
 Name lists and spelling cannot tell that "trump" or "Shaq" is a person, or that "hang out with X" makes
 X one; a pretrained transformer can. all-MiniLM-L6-v2 already ships for retrieval (so nothing new is
 downloaded or installed), is small (22M parameters) and runs a chat message in a few milliseconds on a
-CPU. Its hidden states are frozen: only the logistic regression on top is trained (``train_names.py``).
-The base model is always the embedded one, never a retrieval-tuned copy: the weights on top were trained
-against these vectors.
+CPU. The base model is always the embedded one, never a retrieval-tuned copy: the shipped layers were
+fine-tuned on top of its word embeddings, and a fingerprint of those is checked at load.
 """
 
 from __future__ import annotations
 
+import hashlib
 import threading
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from core.errors import PrivacyError
 
-# Last layer (context) and a middle one (word form): what the classifier sees per sub-word.
-LAYERS = (-1, 3)
+if TYPE_CHECKING:
+    from bot.privacy.person_model import PersonModel
+
 WINDOW = 254  # sub-words per forward pass, plus [CLS] and [SEP]: MiniLM is trained at 256 and below
 # Sub-words encoded per text. Every sub-word covers at least one character, so this covers all of one of
 # the engine's 2,000-character chunks (prose is about 500 sub-words, random bytes 1,500): no name goes
 # unencoded, and time per chunk stays bounded. Longer texts (callers other than the engine) are cut here.
 MAX_SUBWORDS = 8 * WINDOW
+RETRAIN = "retrain it with python -m bot.privacy.train_names"
+
+
+def base_dir() -> Path:
+    from retrieval.embedder import embedded_model_dir
+
+    return embedded_model_dir()
+
+
+def fingerprint(bert: Any) -> str:
+    """What the fine-tuned layers depend on: the frozen embeddings and the architecture."""
+    digest = hashlib.sha256()
+    config = bert.config
+    digest.update(f"{config.hidden_size}/{config.num_hidden_layers}/{config.vocab_size}".encode())
+    embeddings = bert.embeddings
+    for weight in (embeddings.word_embeddings.weight, embeddings.position_embeddings.weight):
+        digest.update(weight.detach()[::97].float().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def load_base(model_dir: Path | None = None) -> tuple[Any, Any]:
+    """(tokenizer, BertModel) of the embedded MiniLM; imports torch and transformers."""
+    try:
+        from transformers import AutoModel, AutoTokenizer
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # a chat adapter's terminal is not the place for one
+        hf_logging.set_verbosity_error()
+        model_dir = model_dir or base_dir()
+        return AutoTokenizer.from_pretrained(str(model_dir)), AutoModel.from_pretrained(str(model_dir))
+    except Exception as err:  # noqa: BLE001 - whatever stops the model loading, names can't be found
+        raise PrivacyError(f"the name encoder could not be loaded from {model_dir}: {err}") from err
+
+
+class TokenTagger:
+    """The torch module: MiniLM plus a one-unit head giving a name logit per sub-word."""
+
+    def __init__(self, bert: Any) -> None:
+        import torch
+
+        self.bert = bert
+        self.head = torch.nn.Linear(bert.config.hidden_size, 1)
+
+    def logits(self, input_ids: Any, attention_mask: Any = None) -> Any:
+        hidden = self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        return self.head(hidden)[..., 0]
+
+    def _tensors(self, skip_layers: int = 0) -> dict[str, Any]:
+        out = {
+            f"encoder.{k}": v
+            for k, v in self.bert.encoder.state_dict().items()
+            if not any(k.startswith(f"layer.{n}.") for n in range(skip_layers))
+        }
+        out.update({f"head.{k}": v for k, v in self.head.state_dict().items()})
+        return out
+
+    def trained_tensors(self, skip_layers: int = 0) -> dict[str, np.ndarray]:
+        """What training changed (the upper transformer layers and the head), in fp16; the embeddings
+        and the lowest ``skip_layers`` layers stay the embedded MiniLM's."""
+        return {
+            k: v.detach().float().numpy().astype(np.float16) for k, v in self._tensors(skip_layers).items()
+        }
+
+    def load_tensors(self, tensors: dict[str, np.ndarray]) -> None:
+        import torch
+
+        layers = self.bert.config.num_hidden_layers
+        shipped = [n for n in range(layers) if any(k.startswith(f"encoder.layer.{n}.") for k in tensors)]
+        # The shipped layers are the top ones, contiguous: below them the base model's stay.
+        skip = min(shipped) if shipped else layers
+        own = self._tensors(skip)
+        missing = sorted(set(own) - set(tensors))
+        wrong = [k for k in own if k in tensors and tuple(tensors[k].shape) != tuple(own[k].shape)]
+        extra = sorted(set(tensors) - set(own))
+        if missing or wrong or extra:
+            raise PrivacyError(
+                f"the name model does not fit the encoder (missing {missing[:3]}, wrong shape {wrong[:3]}, "
+                f"unknown {extra[:3]}): {RETRAIN}"
+            )
+        with torch.no_grad():
+            for key, value in own.items():
+                value.copy_(torch.from_numpy(np.asarray(tensors[key], dtype=np.float32)))
 
 
 class TokenEncoder:
-    """``vectors(text, spans)``: one vector per character span, the mean over its sub-words."""
+    """``vectors(text, spans)``: per character span, the mean name probability over its sub-words."""
 
-    def __init__(self, model_dir: Path | None = None, threads: int = 0, cache_size: int = 0) -> None:
-        try:
-            import torch
-            from transformers import AutoModel, AutoTokenizer
-            from transformers.utils import logging as hf_logging
+    width = 1
 
-            hf_logging.disable_progress_bar()  # a chat adapter's terminal is not the place for one
+    def __init__(
+        self, model: PersonModel, model_dir: Path | None = None, threads: int = 0, cache_size: int = 0
+    ) -> None:
+        import torch
 
-            if model_dir is None:
-                from retrieval.embedder import embedded_model_dir
-
-                model_dir = embedded_model_dir()
-            self._torch = torch
-            self.tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-            self.model = AutoModel.from_pretrained(str(model_dir)).eval()
-        except Exception as err:  # noqa: BLE001 - whatever stops the model loading, names can't be found
-            raise PrivacyError(f"the name encoder could not be loaded from {model_dir}: {err}") from err
+        self._torch = torch
+        self.tokenizer, bert = load_base(model_dir)
+        if fingerprint(bert) != model.base:
+            raise PrivacyError(
+                f"the name model was trained on another base encoder (fingerprint {model.base}, "
+                f"the embedded MiniLM is {fingerprint(bert)}): {RETRAIN}"
+            )
+        self.model = model  # held, so that shared_encoder's key (its id) stays unique
+        self.tagger = TokenTagger(bert)
+        self.tagger.load_tensors(model.tensors)
+        bert.eval()
         if threads:
             torch.set_num_threads(threads)
-        self.width = self.model.config.hidden_size * len(LAYERS)
         self._cache: OrderedDict[str, tuple[list[tuple[int, int]], np.ndarray]] = OrderedDict()
         self._cache_size = cache_size
         self._lock = threading.Lock()
 
     def _states(self, text: str) -> tuple[list[tuple[int, int]], np.ndarray]:
-        """Sub-word character offsets and their hidden states (n_subwords x width)."""
+        """Sub-word character offsets and their name probabilities (n_subwords x 1)."""
         with self._lock:
             found = self._cache.get(text)
             if found is not None:
@@ -68,19 +151,16 @@ class TokenEncoder:
             )
         ids: list[int] = encoded["input_ids"][:MAX_SUBWORDS]
         offsets = [tuple(o) for o in encoded["offset_mapping"][:MAX_SUBWORDS]]
-        states = np.zeros((len(ids), self.width), dtype=np.float32)
+        states = np.zeros((len(ids), 1), dtype=np.float32)
         torch = self._torch
         cls, sep = self.tokenizer.cls_token_id, self.tokenizer.sep_token_id
         with self._lock, torch.inference_mode():
             for start in range(0, len(ids), WINDOW):
                 window = [cls, *ids[start : start + WINDOW], sep]
-                hidden = self.model(
-                    input_ids=torch.tensor([window]), output_hidden_states=True
-                ).hidden_states
-                layers = torch.cat([hidden[k][0, 1:-1] for k in LAYERS], dim=-1)
-                states[start : start + len(window) - 2] = layers.float().numpy()
+                logits = self.tagger.logits(torch.tensor([window]))[0, 1:-1]
+                states[start : start + len(window) - 2, 0] = torch.sigmoid(logits).float().numpy()
         result = (offsets, states)  # type: ignore[assignment]
-        if self._cache_size:  # training re-reads each row once per fold and threshold
+        if self._cache_size:  # cross-validation scores each row at every threshold
             with self._lock:
                 self._cache[text] = result  # type: ignore[assignment]
                 if len(self._cache) > self._cache_size:
@@ -88,8 +168,8 @@ class TokenEncoder:
         return result  # type: ignore[return-value]
 
     def vectors(self, text: str, spans: list[tuple[int, int]]) -> tuple[np.ndarray, np.ndarray]:
-        """One vector per span, and whether the span was encoded (see ``MAX_SUBWORDS``)."""
-        out = np.zeros((len(spans), self.width), dtype=np.float32)
+        """One probability per span (n x 1), and whether the span was encoded (see ``MAX_SUBWORDS``)."""
+        out = np.zeros((len(spans), 1), dtype=np.float32)
         covered = np.zeros(len(spans), dtype=bool)
         if not spans:
             return out, covered
@@ -112,10 +192,11 @@ _shared: dict[Any, TokenEncoder] = {}
 _shared_lock = threading.Lock()
 
 
-def shared_encoder(model_dir: Path | None = None, threads: int = 0) -> TokenEncoder:
-    """One encoder per process and model folder."""
+def shared_encoder(model: PersonModel, model_dir: Path | None = None, threads: int = 0) -> TokenEncoder:
+    """One encoder per process, name model and base folder (``load_person_model`` caches the model)."""
     with _shared_lock:
-        encoder = _shared.get((model_dir, threads))
+        key = (id(model), model_dir, threads)
+        encoder = _shared.get(key)
         if encoder is None:
-            encoder = _shared[(model_dir, threads)] = TokenEncoder(model_dir, threads)
+            encoder = _shared[key] = TokenEncoder(model, model_dir, threads)
         return encoder

@@ -116,13 +116,8 @@ class DetectionEngine:
                 # After Presidio's import, which must not see torch (see without_heavy_optional_modules).
                 from bot.privacy.encoder import shared_encoder
 
-                encoder = shared_encoder()
-                if len(self.name_finder.model.dense) != encoder.width:
-                    raise PrivacyError(
-                        f"the name model expects {len(self.name_finder.model.dense)}-wide word vectors, "
-                        f"the encoder gives {encoder.width}: retrain it with python -m bot.privacy.train_names"
-                    )
-                self.name_finder.encoder = encoder
+                # Raises PrivacyError when the model was trained on another base encoder.
+                self.name_finder.encoder = shared_encoder(self.name_finder.model)
         except PrivacyError:
             raise
         except Exception as err:  # noqa: BLE001 - any failure to build means no anonymization at all

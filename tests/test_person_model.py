@@ -1,0 +1,112 @@
+"""The fine-tuned MiniLM name tagger (bot/privacy/person_model.py, encoder.py, train_names.py)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from bot.privacy import Anonymizer, PrivacyConfig
+from bot.privacy.person_model import PersonModel, load_person_model
+from core.errors import PrivacyError
+
+ROOT = Path(__file__).resolve().parent.parent
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+
+# Names written the way chat writes them, with no name-list entry or cue the rules use. Our own
+# sentences, not from any evaluation set.
+NAMES_THE_RULES_MISS = [
+    ("went bowling with okonkwo and his cousin last night", "okonkwo"),
+    ("cant believe tsvetanka won the whole tournament lol", "tsvetanka"),
+    ("just saw Brekkenridge perform live, what a voice", "Brekkenridge"),
+]
+# Support text in chat spelling: product, place and tool names a tagger might take for people.
+IT_SENTENCES = [
+    "my outlook keeps crashing since the update, tried safe mode already",
+    "the vpn client on my thinkpad drops every hour",
+    "the build agent fails after the upgrade, logs attached",
+    "Excel freezes when I paste from Chrome",
+    "printer on the 3rd floor says paper jam in tray 2",
+    "can someone reset the wifi router in the Berlin office",
+]
+
+
+@pytest.fixture(scope="module")
+def full() -> Anonymizer:
+    return Anonymizer(PrivacyConfig())
+
+
+@pytest.fixture(scope="module")
+def rules() -> Anonymizer:
+    return Anonymizer(PrivacyConfig(name_model=False))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("text", "name"), NAMES_THE_RULES_MISS)
+def test_tagger_finds_names_the_rules_miss(full: Anonymizer, rules: Anonymizer, text: str, name: str) -> None:
+    assert name in rules.anonymize(text).text
+    result = full.anonymize(text, scope=text)
+    assert name not in result.text and "<PERSON_1>" in result.text, result.text
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("text", IT_SENTENCES)
+def test_it_sentences_come_back_unchanged(full: Anonymizer, text: str) -> None:
+    assert full.anonymize(text, scope="it").text == text
+
+
+@pytest.mark.slow
+def test_shipped_weights_load_and_match_the_encoder() -> None:
+    from bot.privacy.encoder import TokenEncoder, fingerprint, load_base
+
+    model = load_person_model()
+    assert 0.0 < model.threshold < 1.0
+    assert model.tensors["head.weight"].shape == (1, 384) and model.tensors["head.weight"].dtype == np.float16
+    assert fingerprint(load_base()[1]) == model.base
+    encoder = TokenEncoder(model)
+    text = "ask okonkwo about the printer"
+    probs, covered = encoder.vectors(text, [(4, 11), (22, 29)])  # "okonkwo", "printer"
+    assert covered.all() and probs[0, 0] > probs[1, 0]
+
+
+@pytest.mark.slow
+def test_weights_for_another_encoder_are_refused(tmp_path: Path) -> None:
+    model = load_person_model()
+    other = tmp_path / "other.safetensors"
+    PersonModel(model.tensors, model.threshold, "0123456789abcdef").save(other)
+    with pytest.raises(PrivacyError, match="another base encoder.*retrain"):
+        Anonymizer(PrivacyConfig(name_model_path=other))
+    shrunk = tmp_path / "shrunk.safetensors"
+    tensors = {k: v for k, v in model.tensors.items() if not k.startswith("encoder.layer.5.")}
+    PersonModel(tensors, model.threshold, model.base).save(shrunk)
+    with pytest.raises(PrivacyError, match="does not fit the encoder.*retrain"):
+        Anonymizer(PrivacyConfig(name_model_path=shrunk))
+
+
+def test_a_file_that_is_no_model_is_a_clear_error(tmp_path: Path) -> None:
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"not a model")
+    with pytest.raises(PrivacyError, match="name model could not be loaded"):
+        load_person_model(junk)
+
+
+@pytest.mark.slow
+def test_trainer_runs_end_to_end_and_the_engine_loads_its_output(tmp_path: Path) -> None:
+    out = tmp_path / "names.safetensors"
+    negatives = tmp_path / "support.jsonl"
+    negatives.write_text('{"question": "the vpn drops every hour"}\n{"question": "odd row, never read"}\n')
+    done = subprocess.run(
+        [sys.executable, "-m", "bot.privacy.train_names", str(FIXTURES / "names_train.conll"),
+         "--negatives", str(negatives), "--folds", "2", "--copies", "1", "--max-steps", "2", "--out", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "CV, rules alone" in done.stderr and "probe_recall" in done.stderr
+    model = load_person_model(out)
+    assert 1 <= model.info["steps"] <= 2 and model.info["cv"]["folds"] == 2  # --max-steps caps it
+    trained = Anonymizer(PrivacyConfig(name_model_path=out))
+    assert trained.engine.name_finder.encoder is not None
+    assert "<PERSON_1>" in trained.anonymize("ask emma about it").text  # the rules still run
