@@ -108,12 +108,7 @@ def test_member_directory_is_a_deny_list(anonymizer: Anonymizer) -> None:
 
 NAMES_ONLY_THE_MODEL_FINDS = [
     ("wieczorek said he rebooted it", "wieczorek"),
-    # The fine-tuned tagger gives "Thandiwe" here 0.48, just under its untuned threshold 0.5 (the CV that
-    # picks the threshold did not finish in the session that trained it): known, not hidden.
-    pytest.param(
-        "Thandiwe fixed it last week but it broke again", "Thandiwe",
-        marks=pytest.mark.xfail(reason="p=0.48 under the untuned threshold 0.5", strict=False),
-    ),
+    ("Thandiwe fixed it last week but it broke again", "Thandiwe"),
 ]
 # IT words that look like names to a tagger; the learned model must leave them alone.
 SUPPORT_TEXT = [
@@ -275,13 +270,13 @@ def test_rules_only_keeps_torch_out() -> None:
 
 def test_shipped_name_model_matches_the_encoder(tmp_path: Path) -> None:
     from bot.privacy.encoder import shared_encoder
-    from bot.privacy.person_model import PersonModel, load_person_model
+    from bot.privacy.person_model import load_person_model
 
     model = load_person_model()
-    assert shared_encoder(model).width == 1  # loads: the fingerprint of the embedded MiniLM matches
-    assert 0.0 < model.threshold < 1.0 and len(model.tensors) >= 18  # at least one layer (16) and the head
-    other = tmp_path / "other.safetensors"
-    PersonModel(model.tensors, model.threshold, "not-this-encoder").save(other)
+    assert len(model.dense) == shared_encoder().width
+    assert 0.0 < model.threshold < 1.0 and len(model.weights) > 1000
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({**model.to_json(), "dense": list(model.dense[:10])}))
     with pytest.raises(PrivacyError, match="retrain"):
         Anonymizer(PrivacyConfig(name_model_path=other))  # weights for another encoder: a clear error
 
@@ -304,18 +299,16 @@ def test_swapped_names_keep_their_spans() -> None:
 
 @pytest.mark.slow
 def test_train_names_writes_a_model_the_engine_loads(tmp_path: Path) -> None:
-    from bot.privacy.person_model import load_person_model
-
-    out = tmp_path / "names.safetensors"
+    out = tmp_path / "names.json"
     done = subprocess.run(
         [sys.executable, "-m", "bot.privacy.train_names", str(FIXTURES / "names_train.conll"),
-         "--folds", "2", "--copies", "1", "--max-steps", "2", "--out", str(out)],
+         "--folds", "2", "--copies", "1", "--out", str(out)],
         cwd=ROOT, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
     trained = Anonymizer(PrivacyConfig(name_model_path=out))
     assert "<PERSON_1>" in trained.anonymize("ask emma about it").text  # the rules still run
-    assert 0.0 < load_person_model(out).threshold < 1.0
+    assert "threshold" in json.loads(out.read_text())
 
 
 def test_eval_privacy_reports_every_part(anonymizer: Anonymizer, settings, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
@@ -342,15 +335,24 @@ def test_eval_privacy_reports_every_part(anonymizer: Anonymizer, settings, tmp_p
         ("outlook asks for the password again and again, Maria says hers too", "clear the credential cache"),
     ]
     support.write_text("".join(json.dumps({"question": q, "solution": a}) + "\n" for q, a in rows))
+    # The synthetic set's odd rows are reported (the even rows tune the score threshold).
+    synth.write_text(json.dumps([{"full_text": "tuning row", "spans": []}] + json.loads(synth.read_text())))
     report = evaluate(
-        anonymizer, synth=synth, wnut_dir=wnut, tickets=tickets, support=support, retrieval_settings=settings
-    )
+        anonymizer, synth=synth, wnut_dir=wnut, tickets=tickets, support=support, retrieval_settings=settings,
+        generated=3,
+    )  # fmt: skip
+    assert report["synth"]["sentences"] == 1
     assert report["synth"]["recall"]["EMAIL_ADDRESS"]["recall"] == 1.0
     assert report["wnut17_dev"]["persons"] == 7 and report["wnut17_dev"]["person_recall"] >= 5 / 7
     assert report["tickets"]["masked_share"] == 0.0
     assert report["support"]["tickets"] == 2  # the odd rows only: the name model trains on the even ones
     assert report["retrieval"]["questions"] == 2
     assert report["retrieval"]["raw"]["recall@5"] == 1.0  # four answers: every one is in the top five
+    assert report["secrets"]["planted"] == 36 and report["secrets"]["recall"] >= 0.9
+    assert [row["rows"] for row in report["secret_false_positives"]] == [1, 4]
+    assert report["scripts"]["names"] == 18 and report["scripts"]["name_free_sentences"] > 0
+    assert report["long_paste"]["chars"] == 100_000 and report["long_paste"]["planted_masked"]
+    assert report["long_paste"]["kept_chars"] <= anonymizer.config.max_chars
     assert "Retrieval of held-out support questions" in render(report) and not report["skipped"]
 
 
