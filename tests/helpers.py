@@ -18,24 +18,34 @@ class BrokerWatch:
         self.client = redis.Redis.from_url(url)
         self.commands: list[str] = []
         self._stop = threading.Event()
+        self._listening = threading.Event()
+        self.error: Exception | None = None
         self._thread = threading.Thread(target=self._watch, daemon=True)
 
     def _watch(self) -> None:
-        with self.client.monitor() as monitor:
-            for command in monitor.listen():
-                self.commands.append(command["command"])
-                if self._stop.is_set():
-                    return
+        try:
+            with self.client.monitor() as monitor:
+                self._listening.set()
+                for command in monitor.listen():
+                    self.commands.append(command["command"])
+                    if self._stop.is_set():
+                        return
+        except Exception as err:  # noqa: BLE001 - surfaced by __exit__: a dead watch must not pass as "clean"
+            self.error = err
+            self._listening.set()
 
     def __enter__(self) -> BrokerWatch:
         self.client.flushdb()
         self._thread.start()
+        self._listening.wait(30)
         return self
 
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self.client.ping()  # wakes the monitor loop so it sees the stop flag
         self._thread.join(5)
+        if self.error is not None:
+            raise AssertionError(f"the broker watch died: {self.error!r}") from self.error
 
     @property
     def text(self) -> str:
