@@ -15,7 +15,8 @@ class BrokerWatch:
     """Every command the Redis broker receives while the block runs (MONITOR): where leaks would show."""
 
     def __init__(self, url: str) -> None:
-        self.client = redis.Redis.from_url(url)
+        # No read timeout: MONITOR is silent while a worker boots, and redis-py 8 gives up after 5 s.
+        self.client = redis.Redis.from_url(url, socket_timeout=None)
         self.commands: list[str] = []
         self._stop = threading.Event()
         self._listening = threading.Event()
