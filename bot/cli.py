@@ -143,10 +143,15 @@ def cmd_model_prepare(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
-    from core.db import upgrade
+    from core.db import Database, upgrade
     from workers.app import configure
 
     upgrade(settings.db_url)
+    if "answer" in args.queues.split(","):
+        from bot.outbound import require_delivery
+
+        # Loudly, now: a worker without a platform's token would store answers nobody ever receives.
+        require_delivery(settings=settings, db=Database.from_settings(settings))
     app = configure(settings)
     argv = [
         "worker",

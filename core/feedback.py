@@ -12,7 +12,6 @@ from sqlalchemy.orm import Session
 
 from core.conversations import get_or_create_user, platform_thread
 from core.errors import InputError
-from core.escalations import open_escalation
 from core.schema import Conversation, Escalation, Message, MessageRole, Rating
 
 Anonymize = Callable[[str, str], str]  # (text, scope) -> anonymized text; raises PrivacyError
@@ -61,6 +60,13 @@ def escalate_conversation(*, session: Session, conversation_id: int) -> Escalati
     conversation = session.get(Conversation, conversation_id)
     if conversation is None:
         return None
-    return open_escalation(
-        session=session, platform=conversation.platform, channel=conversation.channel, thread=conversation.thread
-    )
+    from core.desk import escalate
+    from core.errors import DeskError
+
+    try:
+        # The desk's escalate: the same escalation the console and CLI open, so the worker stops
+        # answering here (core.desk.desk_takes) and technicians see it on their desk.
+        escalation, _ = escalate(session=session, conversation_id=conversation_id)
+    except DeskError:
+        return None  # nothing asked yet
+    return escalation

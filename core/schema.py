@@ -203,7 +203,6 @@ class Escalation(Base):
         Index("ix_escalations_conversation", "conversation_id"),
     )
 
-
     id: Mapped[int] = mapped_column(primary_key=True)
     conversation_id: Mapped[int] = mapped_column(ForeignKey("conversations.id", ondelete="CASCADE"))
     message_id: Mapped[int | None] = mapped_column(ForeignKey("messages.id"))

@@ -36,10 +36,11 @@ RATED_WITH_REASON = "Thanks: rated {emoji}, reason recorded"
 BUTTON_GOOD = "👍 Helpful"
 BUTTON_BAD = "👎 Not helpful"
 BUTTON_ESCALATE = "Get a technician"
-# Honest about what happens: the escalation is recorded; the technicians' desk is built elsewhere.
+# Honest about what happens: the escalation is on the technicians' desk (CLI and web console) and the
+# bot stops answering in this conversation (core/desk.py desk_takes).
 ESCALATED = (
-    "Recorded for the support team (escalation #{id}), with this conversation's questions. "
-    "Nothing more is needed from you here."
+    "Handed to the support team (escalation #{id}) with this conversation's questions. I've stopped "
+    "answering in this conversation so that the technicians can take over."
 )
 NOTHING_TO_ESCALATE = "There is nothing to hand over yet: ask your question first."
 BAD_REASON_TITLE = "What was wrong?"

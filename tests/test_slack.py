@@ -286,7 +286,7 @@ def test_buttons_rate_change_the_vote_ask_why_and_escalate(stack, tmp_path):
                 break
         time.sleep(0.1)
     assert mine
-    note = fake.wait_for("chat.update", where=lambda p: "Recorded for the support team" in json.dumps(
+    note = fake.wait_for("chat.update", where=lambda p: "Handed to the support team" in json.dumps(
         blocks_of(p), ensure_ascii=False), timeout=90)
     assert "technician will answer" not in json.dumps(note)
 

@@ -248,7 +248,7 @@ def test_keyboard_rates_asks_why_with_force_reply_and_escalates(stack):
         # The reason reply is no question: nothing was queued for it.
         assert session.query(Message).filter(Message.idempotency_key == f"telegram:71:{reason['message_id']}").count() == 0
     escalated = press(buttons["esc"], "q3")
-    assert "Recorded for the support team" in escalated.get("text", "")
+    assert "Handed to the support team" in escalated.get("text", "")
     with db.session() as session:
         conversation_id = session.get(Message, reply_id).conversation_id
         assert session.query(Escalation).filter(Escalation.conversation_id == conversation_id).count() == 1
