@@ -53,17 +53,21 @@ class BrokerWatch:
         return "\n".join(self.commands)
 
 
-def retrieval_cli(settings: Settings) -> Callable[..., int]:
-    """``run("tickets", "ingest", path)``: the retrieval commands as the CLI parses them, in this process."""
-    from retrieval.cli import register
+def module_cli(settings: Settings, module: str) -> Callable[..., int]:
+    """``run("tickets", "ingest", path)``: one module's commands as the CLI parses them, in this process."""
+    import importlib
 
     parser = argparse.ArgumentParser()
     root = parser.add_subparsers(dest="command")
     eval_parser = root.add_parser("eval")
-    register({"root": root, "eval": eval_parser.add_subparsers(dest="eval_command")})
+    importlib.import_module(module).register({"root": root, "eval": eval_parser.add_subparsers(dest="eval_command")})
 
     def run(*argv: str) -> int:
         args = parser.parse_args(list(argv))
         return args.func(args, settings)
 
     return run
+
+
+def retrieval_cli(settings: Settings) -> Callable[..., int]:
+    return module_cli(settings, "retrieval.cli")

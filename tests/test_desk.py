@@ -5,7 +5,6 @@ escalate -> claim (technician yes, employee no) -> relay both ways -> a note sta
 
 from __future__ import annotations
 
-import argparse
 import json
 from datetime import timedelta
 from pathlib import Path
@@ -28,6 +27,7 @@ from core.schema import (
     utcnow,
 )
 from tests.conftest import FIXTURES
+from tests.helpers import module_cli
 
 QUESTION = "The shrink-wrap machine on packing line 3 stops with heater fault H4 since this morning."
 ANSWER = "Check the heater fuse and restart the machine. Sources: [T-1]"
@@ -271,18 +271,7 @@ def test_pings_once_per_period(stack):
 
 
 def _cli(settings):
-    from workers.desk_cli import register
-
-    parser = argparse.ArgumentParser()
-    root = parser.add_subparsers(dest="command")
-    eval_parser = root.add_parser("eval")
-    register({"root": root, "eval": eval_parser.add_subparsers(dest="eval_command")})
-
-    def run(*argv: str) -> int:
-        args = parser.parse_args(list(argv))
-        return args.func(args, settings)
-
-    return run
+    return module_cli(settings, "workers.desk_cli")
 
 
 def test_escalations_cli(stack, capsys):

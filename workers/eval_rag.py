@@ -41,7 +41,7 @@ class Case:
     reference: str
 
 
-def read_cases(path: Path, *, question_field: str, reference_field: str) -> list[dict[str, Any]]:
+def read_rows(path: Path) -> list[dict[str, Any]]:
     if not path.is_file():
         raise InputError(f"{path} is not a file")
     rows = []
@@ -118,19 +118,18 @@ def evaluate_rag(
     from retrieval.ingest import ingest_file
     from retrieval.search import TicketIndex
 
-    rows = read_cases(tickets, question_field=question_field, reference_field=reference_field)
+    rows = read_rows(tickets)
     if questions is None:
         index_rows, asked_rows = split_tickets(rows, holdout_percent)
     else:
         index_rows = rows
-        asked_rows = read_cases(questions, question_field=question_field, reference_field=reference_field)
+        asked_rows = read_rows(questions)
     cases = [
         Case(_id(r, n), str(r.get(question_field) or "").strip(), str(r.get(reference_field) or "").strip())
         for n, r in enumerate(asked_rows)
     ]
+    # The split is by id, so a held-out question's own ticket is never in the index.
     cases = [c for c in cases if c.question and c.reference]
-    indexed_ids = {_id(r, n) for n, r in enumerate(index_rows)}
-    cases = [c for c in cases if c.id not in indexed_ids or questions is not None]
     if limit:
         cases = cases[:limit]
     if not cases:
