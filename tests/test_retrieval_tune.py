@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
+from sentence_transformers import SentenceTransformer
 
 from core.errors import TrainingError
 from retrieval.cli import SEED_FILE
-from retrieval.embedder import Embedder, active_pointer, embedded_model_dir, resolve_model_dir
+from retrieval.embedder import Embedder, active_pointer, embedded_model_dir, plain_layout, resolve_model_dir
 from retrieval.ingest import ingest_file
 from retrieval.search import TicketIndex
 from retrieval.tune import Pair, TuneConfig, pairs_from_store, split_pairs, train, tune
@@ -53,6 +55,27 @@ def test_tune_adapter_keeps_a_better_model_and_the_index_follows(env):
     index = TicketIndex.open(settings=settings, db=db)
     assert index.status()["model"] == str(tuned_dir)
     assert index.search("label printer prints blank labels", k=3).hits[0].id == "SB-0020"
+    # Served without importing sentence-transformers (cold start), yet the very vectors it would give.
+    assert tuned.plain is not None and base.plain is not None
+    texts = ["  printer jams with error E-502 ", "x", "the VPN drops every hour " * 60, *[p.query for p in pairs[:20]]]
+    for embedder, folder in ((tuned, tuned_dir), (base, embedded_model_dir())):
+        reference = SentenceTransformer(str(folder), device="cpu", local_files_only=True)
+        reference.max_seq_length = 256
+        expected = reference.encode(texts, normalize_embeddings=True, convert_to_numpy=True)
+        assert np.abs(embedder.encode(texts) - expected).max() < 1e-5
+
+
+def test_other_module_layouts_load_with_sentence_transformers(tmp_path):
+    """CLS pooling is not what PlainPipeline computes: such a folder is left to the library."""
+    folder = tmp_path / "cls"
+    shutil.copytree(embedded_model_dir(), folder)
+    pooling = json.loads((folder / "1_Pooling" / "config.json").read_text())
+    pooling.update(pooling_mode_mean_tokens=False, pooling_mode_cls_token=True)
+    (folder / "1_Pooling" / "config.json").write_text(json.dumps(pooling))
+    assert plain_layout(embedded_model_dir()) is not None and plain_layout(folder) is None
+    embedder = Embedder(folder)
+    assert embedder.plain is None and embedder.model is not None
+    assert embedder.encode(["printer jams"]).shape == (1, 384)
 
 
 @pytest.mark.slow
