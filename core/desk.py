@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -257,8 +257,11 @@ def relay(
     sender_id: int,
     text: str,
     anonymize: Anonymize,
+    key: str | None = None,
 ) -> Post | None:
     """A message in an escalation, from either side. Returns what the channel must post, or None.
+
+    ``key`` is the platform message's idempotency key: a redelivered desk reply is relayed once.
 
     - a technician's ``note: ...`` stays on the desk (``note``): nothing reaches the employee;
     - a technician's reply is stored as a technician message in the employee's conversation and posted
@@ -271,6 +274,8 @@ def relay(
     if not body:
         raise DeskError(texts.EMPTY_MESSAGE)
     conversation = escalation_conversation(escalation)
+    if key is not None and session.scalar(select(Message.id).where(Message.idempotency_key == key)) is not None:
+        return None  # relayed already (a platform's retry of the same message)
     if is_technician(session=session, settings=settings, user_id=sender_id):
         if body.lower().startswith(NOTE_PREFIX):
             note(session=session, settings=settings, escalation_id=escalation_id, technician_id=sender_id,
@@ -284,6 +289,7 @@ def relay(
             role=MessageRole.technician,
             text=anonymize(body, _scope(escalation)),
             status=MessageStatus.sent,
+            idempotency_key=key,
             meta={"escalation_id": escalation.id},
         )
         session.add(stored)
@@ -332,7 +338,9 @@ def desk_takes(*, session: Session, settings: Settings, message: Message) -> boo
     - its conversation has an open or claimed escalation: the message is relayed to the desk;
     - a technician wrote it in someone else's conversation that was escalated: it is their reply, not
       a question (their own DMs and mentions are answered as usual)."""
-    if relay_stored(session=session, message_id=message.id) is not None:
+    relayed = relay_stored(session=session, message_id=message.id)
+    if relayed is not None:
+        _emit_after_commit(session, relayed)  # the worker's sink posts it to the desk thread
         return True
     if message.user_id is None or not is_technician(session=session, settings=settings, user_id=message.user_id):
         return False
@@ -398,6 +406,11 @@ def _clean_hours(hours: float | str | None) -> float | None:
     if not 0 <= value <= MAX_HOURS or value != value:
         raise DeskError(texts.DESK_BAD_HOURS.format(hours=hours))
     return value
+
+
+def clean_hours(hours: float | str | None) -> float | None:
+    """Hours as a resolution form gives them ("" is none); a bad value raises DeskError saying why."""
+    return _clean_hours(hours)
 
 
 def resolve(
@@ -563,3 +576,149 @@ def describe(*, session: Session, escalation: Escalation, with_messages: bool = 
             )
         ]
     return data
+
+
+# --- what the desk shows, and the small port that posts it ----------------------------------------
+# The platforms post (bot/slack, bot/telegram); this module only says what a desk card holds and where
+# an escalation's desk is, so a new platform is one more implementation of ``DeskDelivery``.
+
+PENDING_REF = "pending"  # desk_message_ref while one worker is posting the card (see begin_desk_post)
+
+
+@dataclass(frozen=True)
+class DeskCard:
+    """An escalation as its desk post shows it (all text as stored, i.e. anonymized)."""
+
+    escalation_id: int
+    platform: str
+    status: str
+    summary: str
+    severity: str | None
+    severity_reason: str | None
+    reason: str | None
+    technician: str | None  # the assignee's platform id (e.g. "U123"), None while unclaimed
+    ticket_id: str | None
+    employee_channel: str
+    employee_thread: str  # the platform's thread of the employee's conversation
+    employee_ref: str | None  # the platform's id of the escalated question (Telegram links to it)
+
+
+class DeskDelivery(Protocol):
+    """What a platform does for the desk; implemented beside each platform's outbound adapter."""
+
+    def post_card(self, card: DeskCard, *, channel: str) -> tuple[str, str]:
+        """Post the card on the desk; returns (thread, message ref) that replies on the desk carry."""
+        ...
+
+    def update_card(self, card: DeskCard, *, channel: str, ref: str) -> None:
+        """Show the card's new state (summary written, claimed, resolved) in place."""
+        ...
+
+
+def desk_place(*, settings: Settings, platform: str) -> str | None:
+    """The desk channel/chat of a platform, or None where no desk is configured there."""
+    return {"slack": settings.slack_desk_channel, "telegram": settings.telegram_desk_chat}.get(platform) or None
+
+
+def card(*, session: Session, escalation: Escalation) -> DeskCard:
+    from core.conversations import platform_thread
+
+    conversation = escalation_conversation(escalation)
+    technician = session.get(User, escalation.technician_id) if escalation.technician_id else None
+    question = session.get(Message, escalation.message_id) if escalation.message_id else None
+    return DeskCard(
+        escalation_id=escalation.id,
+        platform=conversation.platform,
+        status=escalation.status.value,
+        summary=escalation.summary or "",
+        severity=escalation.severity,
+        severity_reason=escalation.severity_reason,
+        reason=escalation.reason,
+        technician=technician.external_id if technician is not None else None,
+        ticket_id=escalation.ticket_id,
+        employee_channel=conversation.channel,
+        employee_thread=platform_thread(conversation.thread),
+        employee_ref=((question.meta or {}).get("ref") if question is not None else None),
+    )
+
+
+def begin_desk_post(*, session: Session, escalation_id: int) -> bool:
+    """Take the right to post an escalation's card (one conditional UPDATE, so two workers never post
+    it twice). False when it is posted already or another worker is posting it."""
+    from sqlalchemy import update
+
+    result = session.execute(
+        update(Escalation)
+        .where(Escalation.id == escalation_id, Escalation.desk_message_ref.is_(None),
+               Escalation.tech_thread.is_(None))
+        .values(desk_message_ref=PENDING_REF)
+    )
+    session.flush()
+    return bool(result.rowcount)
+
+
+def abandon_desk_post(*, session: Session, escalation_id: int) -> None:
+    """The card could not be posted: let the next attempt try again."""
+    escalation = get(session=session, escalation_id=escalation_id)
+    if escalation.desk_message_ref == PENDING_REF:
+        escalation.desk_message_ref = None
+        session.flush()
+
+
+def at_desk(*, session: Session, platform: str, channel: str, thread: str) -> Escalation | None:
+    """The escalation whose desk thread this is (Slack: the card's ts; Telegram: the card's message id)."""
+    return session.scalar(
+        select(Escalation)
+        .join(Conversation, Conversation.id == Escalation.conversation_id)
+        .where(Conversation.platform == platform, Escalation.tech_channel == channel,
+               Escalation.tech_thread == thread)
+        .order_by(Escalation.id.desc())
+        .limit(1)
+    )
+
+
+def escalated_in_thread(*, session: Session, platform: str, channel: str, thread: str) -> Escalation | None:
+    """An active escalation of any conversation in this platform thread (the employee's thread, seen by
+    someone else who writes there, e.g. a technician)."""
+    from core.conversations import OWNER_SEPARATOR
+
+    return session.scalar(
+        select(Escalation)
+        .join(Conversation, Conversation.id == Escalation.conversation_id)
+        .where(Conversation.platform == platform, Conversation.channel == channel,
+               (Conversation.thread == thread) | Conversation.thread.startswith(thread + OWNER_SEPARATOR),
+               Escalation.status.in_(ACTIVE))
+        .order_by(Escalation.id.desc())
+        .limit(1)
+    )
+
+
+# Where relayed posts go when no channel is at hand to post them: the worker relays an employee's
+# message (desk_takes) inside the answer path and registers a sink here that delivers it after commit.
+PostSink = Callable[[Post], None]
+_sinks: list[PostSink] = []
+
+
+def on_post(sink: PostSink) -> None:
+    """Register a sink for posts made where no channel posts them (the worker, at import)."""
+    if sink not in _sinks:
+        _sinks.append(sink)
+
+
+def _emit_after_commit(session: Session, post: Post) -> None:
+    """Hand ``post`` to the sinks once the session commits (never for a rolled-back relay, and never
+    while a transaction holds the database's write lock during a network call)."""
+    if not _sinks:
+        return
+    from sqlalchemy import event
+
+    def deliver(_session: Session) -> None:
+        for sink in list(_sinks):
+            try:
+                sink(post)
+            except Exception:  # a failed post must not undo the stored relay; the sink logs why
+                import logging
+
+                logging.getLogger(__name__).exception("desk post of escalation %s failed", post.escalation_id)
+
+    event.listen(session, "after_commit", deliver, once=True)

@@ -134,6 +134,12 @@ class Settings(BaseSettings):
         4 * 3600.0, gt=0, description="A claimed escalation idle this long is reminded to its technician"
     )
     escalation_check_every_s: float = Field(60.0, gt=0, description="How often the beat looks for those")
+    slack_desk_channel: str | None = Field(
+        None, description="Slack channel id where escalations are posted for the technicians (the desk)"
+    )
+    telegram_desk_chat: str | None = Field(
+        None, description="Telegram chat id (a group) where escalations are posted for the technicians"
+    )
     escalation_summary_writer: str = Field(
         "extractive",
         pattern="^(extractive|model)$",

@@ -98,3 +98,33 @@ DESK_RESOLUTION_REFUSED = (
 )
 DESK_PING_UNCLAIMED = "Escalation #{id} has been waiting {minutes} min with nobody on it. {summary}"
 DESK_PING_IDLE = "Reminder: escalation #{id}, claimed by you, has had no activity for {minutes} min."
+
+# The desk on Slack and Telegram (bot/slack, bot/telegram, workers/desk_tasks.py): the escalation card
+# technicians see, its buttons, and what the desk thread is told.
+BUTTON_CLAIM = "Claim"
+BUTTON_RESOLVE = "Resolve"
+DESK_CARD_TITLE = "Escalation #{id}: {status}"
+DESK_CARD_SEVERITY = "Severity: {severity} ({reason})"
+DESK_CARD_SEVERITY_PENDING = "Severity: not estimated yet"
+DESK_CARD_WHY = "Why the employee escalated: {reason}"
+DESK_CARD_ASSIGNEE = "Claimed by {who}"
+DESK_CARD_TICKET = "Resolved as ticket {ticket}"
+DESK_CARD_LINK = "Employee's thread: {link}"
+DESK_CARD_HOW = (
+    "Reply in this thread to write to the employee; start with \"note:\" to keep it among technicians. "
+    "Resolve asks for the fix, which becomes a ticket the bot finds next time."
+)
+DESK_CLAIMED_DESK = "Escalation #{id} claimed by {who}."
+DESK_RESOLVED_DESK = "Escalation #{id} resolved by {who}; the fix is ticket {ticket} and the employee was asked to confirm."
+DESK_NOT_RELAYED = "Not passed on (escalation #{id}): {error}"
+DESK_RESOLVE_TITLE = "Resolve escalation"
+DESK_RESOLVE_LABEL = "What fixed it (this becomes a ticket)"
+DESK_RESOLVE_HOURS = "Hours it took"
+DESK_RESOLVE_MACHINE = "Machine or device"
+DESK_RESOLVE_PROMPT = (
+    "Resolution for escalation #{id}: reply to this message with what fixed it (it becomes a ticket the "
+    "bot finds next time). You can also reply /resolve <fix> to the escalation."
+)
+DESK_RESOLVE_USAGE = "Reply /resolve <what fixed it> to an escalation's message on the desk."
+DESK_RESOLVING = "Resolving escalation #{id}…"
+DESK_NOT_IN_ESCALATION = "This message is not part of an escalation: reply to an escalation's message on the desk."

@@ -124,6 +124,10 @@ class FakePlatforms:
                 return {"ok": True, "channel": payload.get("channel"), "ts": payload.get("_ts") or self.next_ts()}
             if method == "chat.update":
                 return {"ok": True, "channel": payload.get("channel"), "ts": payload.get("ts")}
+            if method == "chat.getPermalink":  # the desk card links back to the employee's thread
+                return {"ok": True, "channel": payload.get("channel"),
+                        "permalink": f"https://fake.slack.test/archives/{payload.get('channel')}/"
+                                     f"p{str(payload.get('message_ts', '')).replace('.', '')}"}
             if method == "apps.connections.open":
                 return {"ok": True, "url": self.socket_url} if self.socket_url else {"ok": False, "error": "no_socket"}
             return {"ok": True}

@@ -16,8 +16,8 @@ from typing import Any
 from bot.intake import Intake
 from bot.outbound import load_reply
 from bot.slack import render
-from bot.slack.inbound import PLATFORM, decide, deleted_ref, thread_of, to_inbound
-from core import texts
+from bot.slack.inbound import PLATFORM, decide, deleted_ref, mention_pattern, thread_of, to_inbound
+from core import desk, texts
 from core.conversations import (
     attach_placeholder,
     conversation_exists,
@@ -25,6 +25,7 @@ from core.conversations import (
     forget_message,
     get_or_create_user,
     latest_conversation,
+    platform_thread,
 )
 from core.errors import BrokerUnavailable, ConfigError, SupportbotError
 from core.feedback import escalate_answer, escalate_conversation, rate_answer
@@ -113,6 +114,8 @@ def build_app(*, settings: Settings, intake: Intake, socket_mode: bool = False, 
             return None
 
     async def take(event: dict[str, Any], client, bot_user_id: str | None, *, via_mention: bool) -> None:  # type: ignore[no-untyped-def]
+        if await desk_message(event, client, bot_user_id, via_mention=via_mention):
+            return  # the desk's: relayed or noted, never answered as a question
         decision = decide(event, bot_user_id=bot_user_id, via_mention=via_mention)
         channel = str(event.get("channel", ""))
         if decision.action == "ignore":
@@ -142,6 +145,8 @@ def build_app(*, settings: Settings, intake: Intake, socket_mode: bool = False, 
         if receipt.immediate_reply:
             await post(client, channel, thread, receipt.immediate_reply)
             return
+        if await sql(desk.is_open, conversation_id=receipt.conversation_id):
+            return  # with the technicians: the worker relays it to the desk; no "working on it"
         # The first visible response, within a second: the worker replaces it with the answer.
         placeholder = await post(client, channel, thread, texts.WORKING_ON_IT)
         if placeholder is None:
@@ -230,8 +235,181 @@ def build_app(*, settings: Settings, intake: Intake, socket_mode: bool = False, 
             escalation = escalate_answer(session=session, reply_id=reply_id)
             return escalation.id if escalation else None
 
-        await sql(lambda session: open_it(session))
+        escalation_id = await sql(lambda session: open_it(session))
         await refresh(client, channel=channel, ts=ts, reply_id=reply_id, rating_note=None)
+        if escalation_id is not None:
+            await to_desk(escalation_id)
+
+    # --- the desk (issue 12): desk-thread replies, Claim, Resolve and its modal ------------------------
+    # The card itself is posted by a worker (workers/desk_tasks.py) once the escalation is queued there;
+    # this process relays what technicians write and answers their buttons.
+
+    async def to_desk(escalation_id: int) -> None:
+        """Queue the escalation's summary; the worker posts the desk card first, then updates it."""
+        from workers.desk_tasks import enqueue_summary
+
+        try:
+            await asyncio.to_thread(enqueue_summary, escalation_id)
+        except Exception as err:  # stored either way; the CLI and web desk list it
+            log.error("escalation %s not queued for the desk: %s", escalation_id, err)
+
+    async def ephemeral(client, channel: str, user: str, text: str, thread: str | None = None) -> None:  # type: ignore[no-untyped-def]
+        try:
+            await client.chat_postEphemeral(channel=channel, user=user, text=render.escape(text), thread_ts=thread)
+        except Exception as err:
+            log.warning("could not tell %s: %s", user, err)
+
+    async def to_employee(client, posts) -> None:  # type: ignore[no-untyped-def]
+        for item in posts:
+            await post(client, item.channel, platform_thread(item.thread or ""), render.escape(item.text))
+
+    async def show_card(client, escalation_id: int) -> None:  # type: ignore[no-untyped-def]
+        """Redraw the desk card (claimed, resolved) where it was posted."""
+        def read(session):  # type: ignore[no-untyped-def]
+            escalation = desk.get(session=session, escalation_id=escalation_id)
+            if not escalation.tech_channel or escalation.desk_message_ref in (None, desk.PENDING_REF):
+                return None
+            return escalation.tech_channel, escalation.desk_message_ref, desk.card(session=session, escalation=escalation)
+
+        found = await sql(read)
+        if found is None:
+            return
+        channel, ref, card = found
+        link = None
+        try:
+            link = (await client.chat_getPermalink(channel=card.employee_channel, message_ts=card.employee_thread)).get("permalink")
+        except Exception as err:
+            log.info("no permalink for escalation %s: %s", escalation_id, err)
+        try:
+            await client.chat_update(channel=channel, ts=ref, text=render.desk_text(card, link=link),
+                                     blocks=render.desk_blocks(card, link=link))
+        except Exception as err:
+            log.warning("desk card of escalation %s not updated: %s", escalation_id, err)
+
+    def permit(session, user: str, action: str, escalation_id: int) -> None:  # type: ignore[no-untyped-def]
+        """Technicians only (core/roles.py): raises PermissionDenied saying why; audited either way. Its
+        own read-only step: the audit row is written in its own transaction (SQLite has one writer)."""
+        from core.roles import ACTIONS, authorize
+
+        name = f"escalations.{action}" if f"escalations.{action}" in ACTIONS else "escalations.view"
+        authorize(session=session, actor=f"{PLATFORM}:{user}", action=name, settings=settings,
+                  detail=f"{action} escalation #{escalation_id}")
+
+    def classify(session, channel: str, thread: str, user: str):  # type: ignore[no-untyped-def]
+        """("desk", id) for a desk thread; ("watching", id) for a technician in someone's escalated thread."""
+        at = desk.at_desk(session=session, platform=PLATFORM, channel=channel, thread=thread)
+        if at is not None:
+            return "desk", at.id
+        escalation = desk.escalated_in_thread(session=session, platform=PLATFORM, channel=channel, thread=thread)
+        if escalation is None or not user:
+            return None
+        sender = get_or_create_user(session=session, platform=PLATFORM, external_id=user)
+        owner = desk.escalation_conversation(escalation).user_id
+        if sender.id != owner and desk.is_technician(session=session, settings=settings, user_id=sender.id):
+            return "watching", escalation.id
+        return None
+
+    async def desk_message(event: dict[str, Any], client, bot_user_id: str | None, *, via_mention: bool) -> bool:  # type: ignore[no-untyped-def]
+        """A message in a desk thread is relayed (or kept as a note); a technician writing in an employee's
+        escalated thread is left alone. True when the message was the desk's."""
+        thread, ts = str(event.get("thread_ts") or ""), str(event.get("ts") or "")
+        channel, user = str(event.get("channel", "")), str(event.get("user") or "")
+        if not thread or thread == ts or event.get("subtype") == "message_deleted":
+            return False
+        found = await sql(lambda session: classify(session, channel, thread, user))
+        if found is None:
+            return False
+        kind, escalation_id = found
+        if kind == "watching":
+            log.info("technician %s wrote in escalated thread %s: not a question", user, thread)
+            return True
+        mine = not event.get("bot_id") and user and user != bot_user_id and event.get("subtype") in (None, "thread_broadcast")
+        if via_mention or not mine:
+            return True  # Slack sends a mention as both events: the message event relays it once
+        text = mention_pattern(bot_user_id).sub("", str(event.get("text") or "")).strip()
+        if not text:
+            return True
+
+        def relay(session):  # type: ignore[no-untyped-def]
+            sender = get_or_create_user(session=session, platform=PLATFORM, external_id=user)
+            return desk.relay(session=session, settings=settings, escalation_id=escalation_id, sender_id=sender.id,
+                              text=text, anonymize=intake.anonymize, key=f"{PLATFORM}:desk:{channel}:{ts}")
+
+        try:
+            relayed = await sql(relay)
+        except SupportbotError as err:
+            await ephemeral(client, channel, user, texts.DESK_NOT_RELAYED.format(id=escalation_id, error=err), thread)
+            return True
+        if relayed is not None and relayed.to == "employee":
+            await to_employee(client, [relayed])
+        return True
+
+    @app.action("claim")
+    async def on_claim(ack, body, client) -> None:  # type: ignore[no-untyped-def]
+        await ack()
+        escalation_id, channel, ts, user = where(body)
+
+        def claim(session):  # type: ignore[no-untyped-def]
+            technician = get_or_create_user(session=session, platform=PLATFORM, external_id=user)
+            _escalation, posts = desk.claim(session=session, settings=settings, escalation_id=escalation_id,
+                                            technician_id=technician.id)
+            return posts
+
+        try:
+            await sql(lambda session: permit(session, user, "claim", escalation_id))
+            posts = await sql(claim)
+        except SupportbotError as err:
+            await ephemeral(client, channel, user, str(err))
+            return
+        await to_employee(client, posts)
+        await show_card(client, escalation_id)
+        if posts:  # a first claim, not the same technician pressing twice
+            await post(client, channel, ts, render.escape(texts.DESK_CLAIMED_DESK.format(id=escalation_id, who=f"{PLATFORM}:{user}")))
+
+    @app.action("resolve")
+    async def on_resolve(ack, body, client) -> None:  # type: ignore[no-untyped-def]
+        await ack()
+        escalation_id, channel, ts, user = where(body)
+        try:
+            await sql(lambda session: permit(session, user, "resolve", escalation_id))
+        except SupportbotError as err:
+            await ephemeral(client, channel, user, str(err))
+            return
+        await client.views_open(trigger_id=body["trigger_id"],
+                                view=render.resolve_modal(escalation_id=escalation_id, channel=channel, ts=ts))
+
+    @app.view(render.RESOLVE_VIEW)
+    async def on_resolution(ack, body, view, client) -> None:  # type: ignore[no-untyped-def]
+        meta = json.loads(view.get("private_metadata") or "{}")
+        values = render.modal_values(view)
+        errors = {}
+        if not values.get("resolution", "").strip():
+            errors["resolution"] = texts.DESK_EMPTY_RESOLUTION
+        try:
+            hours = desk.clean_hours(values.get("hours", "").strip() or None)
+        except SupportbotError as err:
+            errors["hours"] = str(err)
+        if errors:  # said in the form, which stays open: nothing typed is lost
+            await ack(response_action="errors", errors=errors)
+            return
+        await ack()
+        user, escalation_id = body["user"]["id"], int(meta["escalation_id"])
+        try:
+            await sql(lambda session: permit(session, user, "resolve", escalation_id))
+        except SupportbotError as err:
+            await ephemeral(client, meta.get("channel", ""), user, str(err))
+            return
+        from workers.desk_tasks import enqueue_resolve
+
+        # On a worker: the fix becomes a ticket in the index the answers search (this process has none).
+        try:
+            await asyncio.to_thread(enqueue_resolve, escalation_id=escalation_id, technician=f"{PLATFORM}:{user}",
+                                    text=values["resolution"], hours=hours,
+                                    machine=values.get("machine", "").strip() or None)
+        except Exception as err:
+            await ephemeral(client, meta.get("channel", ""), user, texts.DESK_NOT_RELAYED.format(id=escalation_id, error=err))
+            return
+        await post(client, meta.get("channel", ""), meta.get("ts", ""), texts.DESK_RESOLVING.format(id=escalation_id))
 
     # --- /supportbot [help|escalate] ---------------------------------------------------------------
 
@@ -248,9 +426,13 @@ def build_app(*, settings: Settings, intake: Intake, socket_mode: bool = False, 
                 session=session, platform=PLATFORM, channel=command["channel_id"], user_id=user.id
             )
             escalation = escalate_conversation(session=session, conversation_id=conversation.id) if conversation else None
+            escalated.append(escalation.id if escalation else None)
             return texts.ESCALATED.format(id=escalation.id) if escalation else texts.NOTHING_TO_ESCALATE
 
+        escalated: list[int | None] = []
         await ack(text=await sql(lambda session: escalate_latest(session)))
+        if escalated and escalated[0] is not None:
+            await to_desk(escalated[0])
 
     @app.error
     async def on_error(error, body) -> None:  # type: ignore[no-untyped-def]

@@ -6,6 +6,7 @@ import logging
 
 from bot.outbound import DeliveryError, NoticeMixin
 from bot.slack import render
+from core.desk import DeskCard
 from core.types import Delivered, Reply
 
 log = logging.getLogger(__name__)
@@ -63,3 +64,41 @@ class SlackOutbound(NoticeMixin):
             self.client.chat_delete(channel=channel, ts=ref)
         except (SlackApiError, SlackClientError, OSError) as err:
             log.info("could not remove message %s: %s", ref, err)
+
+    # --- the desk (core.desk.DeskDelivery) ---------------------------------------------------------
+
+    def permalink(self, *, channel: str, ts: str) -> str | None:
+        """A link to the employee's thread for the desk card (None where Slack gives none)."""
+        from slack_sdk.errors import SlackApiError, SlackClientError
+
+        try:
+            return self.client.chat_getPermalink(channel=channel, message_ts=ts).get("permalink")
+        except (SlackApiError, SlackClientError, OSError) as err:
+            log.info("no permalink for %s/%s: %s", channel, ts, err)
+            return None
+
+    def _card_link(self, card: DeskCard) -> str | None:
+        return self.permalink(channel=card.employee_channel, ts=card.employee_thread) if card.employee_thread else None
+
+    def post_card(self, card: DeskCard, *, channel: str) -> tuple[str, str]:
+        """The card as a new desk message: its ts is the desk thread technicians reply in."""
+        from slack_sdk.errors import SlackApiError, SlackClientError
+
+        link = self._card_link(card)
+        try:
+            response = self.client.chat_postMessage(channel=channel, text=render.desk_text(card, link=link),
+                                                    blocks=render.desk_blocks(card, link=link))
+        except (SlackApiError, SlackClientError, OSError) as err:
+            raise DeliveryError(f"Slack did not take the desk post: {err}") from err
+        ts = str(response.get("ts", ""))
+        return ts, ts
+
+    def update_card(self, card: DeskCard, *, channel: str, ref: str) -> None:
+        from slack_sdk.errors import SlackApiError, SlackClientError
+
+        link = self._card_link(card)
+        try:
+            self.client.chat_update(channel=channel, ts=ref, text=render.desk_text(card, link=link),
+                                    blocks=render.desk_blocks(card, link=link))
+        except (SlackApiError, SlackClientError, OSError) as err:
+            raise DeliveryError(f"Slack did not take the desk update: {err}") from err

@@ -7,6 +7,7 @@ from typing import Any
 
 from bot.outbound import split_text
 from core import texts
+from core.desk import DeskCard
 from core.types import Reply
 
 SECTION_CHARS = 3000  # Slack's limit on a section's text
@@ -93,3 +94,93 @@ def _button(action_id: str, label: str, value: str) -> dict[str, Any]:
 
 def _clip(text: str) -> str:
     return text if len(text) <= CONTEXT_CHARS else text[: CONTEXT_CHARS - 1] + "…"
+
+
+# --- the desk (issue 12): the escalation card with Claim / Resolve, and the resolve modal -----------
+
+DESK_ACTIONS_BLOCK = "desk"
+RESOLVE_VIEW = "desk_resolve"
+
+
+def desk_text(card: DeskCard, *, link: str | None = None) -> str:
+    """The card as plain text: the notification text, and what a client without blocks shows."""
+    lines = [texts.DESK_CARD_TITLE.format(id=card.escalation_id, status=card.status)]
+    if card.severity:
+        lines.append(texts.DESK_CARD_SEVERITY.format(severity=card.severity, reason=card.severity_reason or "-"))
+    else:
+        lines.append(texts.DESK_CARD_SEVERITY_PENDING)
+    if card.summary:
+        lines.append(card.summary)
+    if card.reason:
+        lines.append(texts.DESK_CARD_WHY.format(reason=card.reason))
+    if card.technician:
+        lines.append(texts.DESK_CARD_ASSIGNEE.format(who=card.technician))
+    if card.ticket_id:
+        lines.append(texts.DESK_CARD_TICKET.format(ticket=card.ticket_id))
+    if link:
+        lines.append(texts.DESK_CARD_LINK.format(link=link))
+    text = escape("\n".join(lines))
+    return text if len(text) <= FALLBACK_CHARS else text[: FALLBACK_CHARS - 1] + "…"
+
+
+def desk_blocks(card: DeskCard, *, link: str | None = None) -> list[dict[str, Any]]:
+    """Title, severity with its reason, the summary, why it was escalated, the link back to the
+    employee's thread, then Claim / Resolve (hidden once resolved)."""
+    title = texts.DESK_CARD_TITLE.format(id=card.escalation_id, status=card.status)
+    severity = (texts.DESK_CARD_SEVERITY.format(severity=card.severity, reason=card.severity_reason or "-")
+                if card.severity else texts.DESK_CARD_SEVERITY_PENDING)
+    blocks: list[dict[str, Any]] = [
+        {"type": "section", "block_id": "title", "text": {"type": "mrkdwn", "text": f"*{escape(title)}*\n{escape(severity)}"}},
+    ]
+    for number, piece in enumerate(split_text(escape(card.summary or "-"), SECTION_CHARS)[:10]):
+        blocks.append({"type": "section", "block_id": f"summary-{number}", "text": {"type": "mrkdwn", "text": piece}})
+    context = []
+    if card.reason:
+        context.append(_clip(escape(texts.DESK_CARD_WHY.format(reason=card.reason))))
+    if card.technician:
+        # A real mention: the assignee's Slack id, not text from a person.
+        context.append(texts.DESK_CARD_ASSIGNEE.format(who=f"<@{card.technician}>"))
+    if card.ticket_id:
+        context.append(escape(texts.DESK_CARD_TICKET.format(ticket=card.ticket_id)))
+    if link:
+        context.append(texts.DESK_CARD_LINK.format(link=f"<{link}|open>"))
+    context.append(escape(texts.DESK_CARD_HOW))
+    blocks.append({"type": "context", "block_id": "desk-context",
+                   "elements": [{"type": "mrkdwn", "text": c} for c in context]})
+    if card.status != "resolved":
+        value = str(card.escalation_id)
+        blocks.append({"type": "actions", "block_id": DESK_ACTIONS_BLOCK, "elements": [
+            _button("claim", texts.BUTTON_CLAIM, value),
+            _button("resolve", texts.BUTTON_RESOLVE, value),
+        ]})
+    return blocks
+
+
+def resolve_modal(*, escalation_id: int, channel: str, ts: str) -> dict[str, Any]:
+    """Resolve: the fix (required), the hours it took and the machine (optional)."""
+
+    def field(block_id: str, label: str, *, multiline: bool = False, optional: bool = True) -> dict[str, Any]:
+        return {"type": "input", "block_id": block_id, "optional": optional,
+                "label": {"type": "plain_text", "text": label},
+                "element": {"type": "plain_text_input", "action_id": block_id, "multiline": multiline,
+                            "max_length": 2900}}
+
+    return {
+        "type": "modal",
+        "callback_id": RESOLVE_VIEW,
+        "private_metadata": json.dumps({"escalation_id": escalation_id, "channel": channel, "ts": ts}),
+        "title": {"type": "plain_text", "text": texts.DESK_RESOLVE_TITLE[:24]},
+        "submit": {"type": "plain_text", "text": "Resolve"},
+        "close": {"type": "plain_text", "text": "Cancel"},
+        "blocks": [
+            field("resolution", texts.DESK_RESOLVE_LABEL, multiline=True, optional=False),
+            field("hours", texts.DESK_RESOLVE_HOURS),
+            field("machine", texts.DESK_RESOLVE_MACHINE),
+        ],
+    }
+
+
+def modal_values(view: dict[str, Any]) -> dict[str, str]:
+    """A submitted modal's input values by block id (empty inputs are "")."""
+    values = (view.get("state") or {}).get("values") or {}
+    return {block: str(((values.get(block) or {}).get(block) or {}).get("value") or "") for block in values}

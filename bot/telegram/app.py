@@ -22,7 +22,7 @@ from typing import Any
 
 from bot.intake import Intake
 from bot.telegram import render
-from core import texts
+from core import desk, texts
 from core.conversations import (
     get_or_create_conversation,
     get_or_create_user,
@@ -139,6 +139,8 @@ def build_application(*, settings: Settings, intake: Intake):  # type: ignore[no
         raw = message.text or message.caption or ""
         text = strip_handle(raw, bot.username)
         replied = replied_bot_message(message, bot.id)
+        if replied is not None and await on_desk_reply(message, context, text):
+            return  # a technician's reply on the desk: relayed, noted or a resolution, never a question
         if replied is not None and await on_reason(message, text):
             return
         if message.chat.type != "private":
@@ -174,6 +176,8 @@ def build_application(*, settings: Settings, intake: Intake):  # type: ignore[no
         if receipt.immediate_reply:
             await message.reply_text(receipt.immediate_reply, do_quote=True)
             return
+        if await sql(lambda s: desk.is_open(session=s, conversation_id=receipt.conversation_id)):
+            return  # with the technicians: the worker relays it to the desk; no answer is coming
         context.application.create_task(keep_typing(bot, message.chat_id, topic, receipt.message_id))
 
     async def on_reason(message, text: str) -> bool:  # type: ignore[no-untyped-def]
@@ -190,6 +194,10 @@ def build_application(*, settings: Settings, intake: Intake):  # type: ignore[no
 
     async def on_callback(update: Update, context) -> None:  # type: ignore[no-untyped-def]
         query = update.callback_query
+        on_desk = render.parse_desk_callback(query.data or "")
+        if on_desk is not None:
+            await on_desk_button(query, context, *on_desk)
+            return
         parsed = render.parse_callback(query.data or "")
         if parsed is None:
             await query.answer()  # every press is answered, or the button spins on the phone
@@ -200,6 +208,8 @@ def build_application(*, settings: Settings, intake: Intake):  # type: ignore[no
             if action == "esc":
                 escalation = await sql(lambda s: escalate_answer(session=s, reply_id=reply_id))
                 note = texts.ESCALATED.format(id=escalation.id) if escalation else texts.NOTHING_TO_ESCALATE
+                if escalation is not None:
+                    await to_desk(escalation.id)
                 await query.answer(note[:200])
                 if query.message is not None:
                     await context.bot.send_message(chat_id=query.message.chat.id, text=note,
@@ -249,15 +259,160 @@ def build_application(*, settings: Settings, intake: Intake):  # type: ignore[no
                 conversation = latest_conversation(session=session, platform=PLATFORM, channel=str(message.chat_id),
                                                    user_id=user.id)
             escalation = escalate_conversation(session=session, conversation_id=conversation.id) if conversation else None
+            escalated.append(escalation.id if escalation else None)
             return texts.ESCALATED.format(id=escalation.id) if escalation else texts.NOTHING_TO_ESCALATE
 
+        escalated: list[int | None] = []
         await message.reply_text(await sql(escalate), do_quote=True)
+        if escalated and escalated[0] is not None:
+            await to_desk(escalated[0])
+
+    # --- the desk (issue 12): replies to desk messages, Claim, Resolve, /resolve ---------------------
+    # The card is posted by a worker (workers/desk_tasks.py); every desk message names its escalation
+    # ("escalation #N"), and a technician's reply to one of them is matched back by that mark.
+
+    async def to_desk(escalation_id: int) -> None:
+        """Queue the escalation's summary; the worker posts the desk card first, then updates it."""
+        from workers.desk_tasks import enqueue_summary
+
+        try:
+            await asyncio.to_thread(enqueue_summary, escalation_id)
+        except Exception as err:  # stored either way; the CLI and web desk list it
+            log.error("escalation %s not queued for the desk: %s", escalation_id, err)
+
+    def on_the_desk(chat_id: int) -> bool:
+        return bool(settings.telegram_desk_chat) and str(chat_id) == str(settings.telegram_desk_chat)
+
+    def permit(session, user: str, action: str, escalation_id: int) -> None:  # type: ignore[no-untyped-def]
+        """Technicians only (core/roles.py): raises PermissionDenied saying why; audited either way."""
+        from core.roles import ACTIONS, authorize
+
+        name = f"escalations.{action}" if f"escalations.{action}" in ACTIONS else "escalations.view"
+        authorize(session=session, actor=f"{PLATFORM}:{user}", action=name, settings=settings,
+                  detail=f"{action} escalation #{escalation_id}")
+
+    async def to_employee(bot, posts) -> None:  # type: ignore[no-untyped-def]
+        for item in posts:
+            thread = platform_thread(item.thread or "")
+            await bot.send_message(
+                chat_id=int(item.channel), text=item.text, message_thread_id=render.topic_of(thread),
+                reply_parameters=ReplyParameters(int(thread), allow_sending_without_reply=True) if thread.isdigit() else None,
+            )
+
+    async def show_card(bot, escalation_id: int) -> None:  # type: ignore[no-untyped-def]
+        def read(session):  # type: ignore[no-untyped-def]
+            escalation = desk.get(session=session, escalation_id=escalation_id)
+            if not escalation.tech_channel or escalation.desk_message_ref in (None, desk.PENDING_REF):
+                return None
+            return escalation.tech_channel, escalation.desk_message_ref, desk.card(session=session, escalation=escalation)
+
+        found = await sql(read)
+        if found is None:
+            return
+        channel, ref, card = found
+        try:
+            await bot.edit_message_text(chat_id=int(channel), message_id=int(ref), text=render.desk_text(card),
+                                        parse_mode=render.PARSE_MODE, reply_markup=render.desk_keyboard(card))
+        except Exception as err:  # "message is not modified" and the like: the card stays as it was
+            log.info("desk card of escalation %s not updated: %s", escalation_id, err)
+
+    async def resolve_with(message, escalation_id: int, fix: str) -> None:  # type: ignore[no-untyped-def]
+        user = str(message.from_user.id)
+        if not fix.strip():
+            await message.reply_text(texts.DESK_EMPTY_RESOLUTION, do_quote=True)
+            return
+        try:
+            await sql(lambda s: permit(s, user, "resolve", escalation_id))
+        except SupportbotError as err:
+            await message.reply_text(str(err), do_quote=True)
+            return
+        from workers.desk_tasks import enqueue_resolve
+
+        # On a worker: the fix becomes a ticket in the index the answers search (this process has none).
+        try:
+            await asyncio.to_thread(enqueue_resolve, escalation_id=escalation_id, technician=f"{PLATFORM}:{user}",
+                                    text=fix.strip())
+        except Exception as err:
+            await message.reply_text(texts.DESK_NOT_RELAYED.format(id=escalation_id, error=err), do_quote=True)
+            return
+        await message.reply_text(texts.DESK_RESOLVING.format(id=escalation_id), do_quote=True)
+
+    async def on_desk_reply(message, context, text: str) -> bool:  # type: ignore[no-untyped-def]
+        """In the desk chat, a reply to one of the bot's desk messages: a resolution (to the Resolve
+        prompt) or a message for the employee (a "note:" stays on the desk). True when handled."""
+        if not on_the_desk(message.chat_id):
+            return False
+        original = message.reply_to_message.text or ""
+        prompt = render.RESOLVE_MARK.search(original)
+        if prompt is not None:
+            await resolve_with(message, int(prompt.group(1)), text)
+            return True
+        mark = render.ESCALATION_MARK.search(original)
+        if mark is None:
+            return False
+        escalation_id, user = int(mark.group(1)), str(message.from_user.id)
+        if not text.strip():
+            return True
+
+        def relay(session):  # type: ignore[no-untyped-def]
+            sender = get_or_create_user(session=session, platform=PLATFORM, external_id=user)
+            return desk.relay(session=session, settings=settings, escalation_id=escalation_id, sender_id=sender.id,
+                              text=text, anonymize=intake.anonymize,
+                              key=f"{PLATFORM}:desk:{message.chat_id}:{message.message_id}")
+
+        try:
+            relayed = await sql(relay)
+        except SupportbotError as err:
+            await message.reply_text(texts.DESK_NOT_RELAYED.format(id=escalation_id, error=err), do_quote=True)
+            return True
+        if relayed is not None and relayed.to == "employee":
+            await to_employee(context.bot, [relayed])
+        return True
+
+    async def on_resolve_command(update: Update, context) -> None:  # type: ignore[no-untyped-def]
+        """/resolve <fix>, as a reply to an escalation's message on the desk."""
+        message = update.message
+        replied = replied_bot_message(message, context.bot.id)
+        mark = render.ESCALATION_MARK.search(message.reply_to_message.text or "") if replied is not None else None
+        if not on_the_desk(message.chat_id) or mark is None:
+            await message.reply_text(texts.DESK_RESOLVE_USAGE, do_quote=True)
+            return
+        fix = " ".join(context.args or [])
+        await resolve_with(message, int(mark.group(1)), fix)
+
+    async def on_desk_button(query, context, action: str, escalation_id: int) -> None:  # type: ignore[no-untyped-def]
+        user = str(query.from_user.id)
+        try:
+            await sql(lambda s: permit(s, user, action, escalation_id))
+            if action == "claim":
+                def claim(session):  # type: ignore[no-untyped-def]
+                    technician = get_or_create_user(session=session, platform=PLATFORM, external_id=user)
+                    return desk.claim(session=session, settings=settings, escalation_id=escalation_id,
+                                      technician_id=technician.id)[1]
+
+                posts = await sql(claim)
+        except SupportbotError as err:
+            await query.answer(str(err)[:200], show_alert=True)  # refused: the technician-only reason
+            return
+        if action == "claim":
+            await query.answer(texts.DESK_CLAIMED_DESK.format(id=escalation_id, who=f"{PLATFORM}:{user}")[:200])
+            await to_employee(context.bot, posts)
+            await show_card(context.bot, escalation_id)
+            return
+        await query.answer()
+        if query.message is not None:  # the guided resolution: the technician replies to this prompt
+            await context.bot.send_message(
+                chat_id=query.message.chat.id, text=texts.DESK_RESOLVE_PROMPT.format(id=escalation_id),
+                reply_parameters=ReplyParameters(query.message.message_id, allow_sending_without_reply=True),
+                reply_markup=ForceReply(selective=True, input_field_placeholder="what fixed it"),
+            )
 
     async def on_error(update: Any, context) -> None:  # type: ignore[no-untyped-def]
         log.error("Telegram update not handled: %s", context.error, exc_info=context.error)
 
     # CommandHandler also takes "/cmd@thisbot" and ignores "/cmd@otherbot".
-    for name, handler in (("start", on_start), ("help", on_help), ("new", on_new), ("escalate", on_escalate)):
+    for name, handler in (("start", on_start), ("help", on_help), ("new", on_new), ("escalate", on_escalate),
+                          ("resolve", on_resolve_command)):
         application.add_handler(CommandHandler(name, handler, filters=only_new))
     application.add_handler(CallbackQueryHandler(on_callback))
     application.add_handler(MessageHandler(only_new & ~filters.COMMAND, on_message))

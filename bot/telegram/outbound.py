@@ -11,6 +11,7 @@ from typing import Any
 
 from bot.outbound import DeliveryError, NoticeMixin
 from bot.telegram import render
+from core.desk import DeskCard
 from core.types import Delivered, Reply
 
 log = logging.getLogger(__name__)
@@ -77,3 +78,24 @@ class TelegramOutbound(NoticeMixin):
             self._run(self.bot.delete_message(chat_id=int(channel), message_id=int(ref)))
         except Exception as err:  # best effort: a stale "working on it" is harmless
             log.info("could not remove message %s: %s", ref, err)
+
+    # --- the desk (core.desk.DeskDelivery) ---------------------------------------------------------
+
+    def post_card(self, card: DeskCard, *, channel: str) -> tuple[str, str]:
+        """The card in the desk chat; its message id is the desk "thread" technicians reply to."""
+        message = self._send(chat_id=int(channel), text=render.desk_text(card), parse_mode=render.PARSE_MODE,
+                             reply_markup=render.desk_keyboard(card))
+        ref = str(message.message_id)
+        return ref, ref
+
+    def update_card(self, card: DeskCard, *, channel: str, ref: str) -> None:
+        from telegram.error import BadRequest, TelegramError
+
+        try:
+            self._run(self.bot.edit_message_text(chat_id=int(channel), message_id=int(ref), text=render.desk_text(card),
+                                                 parse_mode=render.PARSE_MODE, reply_markup=render.desk_keyboard(card)))
+        except BadRequest as err:
+            if "not modified" not in str(err).lower():  # the same text again is no failure
+                raise DeliveryError(f"Telegram did not take the desk update: {err}") from err
+        except (TelegramError, OSError) as err:
+            raise DeliveryError(f"Telegram did not take the desk update: {err}") from err
