@@ -200,8 +200,7 @@ def export_command(args: argparse.Namespace, settings: Settings) -> int:
         args,
         summary.to_dict(),
         f"exported {c.get('examples_train', 0)} training and {c.get('examples_validation', 0)} validation "
-        f"conversations, {c.get('kto_train', 0) + c.get('kto_validation', 0)} rated answers for KTO, "
-        f"to {out} (dataset {summary.dataset_hash[:12]}; see {out / 'README.md'})",
+        f"conversations to {out} (dataset {summary.dataset_hash[:12]}; see {out / 'README.md'})",
     )
     return 0
 

@@ -6,9 +6,8 @@ What goes where:
   conversation per row, split by a hash of the conversation id (deterministic, no conversation in
   both). An assistant turn with ``"weight": 0`` is context only (unrated, or 👎 with no fix known);
   👍 answers and technicians' fixes that replace a 👎 answer are the targets.
-- ``kto_train.jsonl`` / ``kto_validation.jsonl``: one unpaired row per rated answer,
-  ``{"prompt": [...], "completion": [{"role": "assistant", ...}], "label": true|false}`` (TRL's KTO
-  format), so 👎 answers without a fix still teach something.
+- No preference (KTO) rows: nothing trains on them yet (model/train.py is supervised fine-tuning
+  only), and data that nothing reads is not written. A 👎 answer without a fix stays as context.
 - ``card.json`` and ``README.md``: counts, token statistics, the dataset hash.
 
 Every text goes through a second anonymization pass (``bot.privacy.scrub``) before it is written,
@@ -25,7 +24,7 @@ import re
 import statistics
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -55,11 +54,10 @@ DEFAULT_VALIDATION_PERCENT = 10
 
 @dataclass
 class Record:
-    """One conversation ready to be written: the split key, its chat messages and its KTO rows."""
+    """One conversation ready to be written: the split key and its chat messages."""
 
     key: str
     messages: list[dict[str, Any]]
-    kto: list[dict[str, Any]] = field(default_factory=list)
 
 
 @dataclass
@@ -89,18 +87,21 @@ def _system_message(tickets: Sequence[Ticket]) -> dict[str, Any]:
     return build_messages(question="", tickets=hits)[0]
 
 
-def rated_conversation_ids(session: Session) -> list[int]:
-    """Conversations with a rated answer or a resolved escalation (a technician's fix is a target too)."""
-    rows = session.execute(
+def rated_conversation_ids(session: Session, since: datetime | None = None) -> list[int]:
+    """Conversations with a rated answer or a resolved escalation (a technician's fix is a target too);
+    with ``since``, only those rated or resolved after it (a retrain's new data)."""
+    rated = (
         select(Message.conversation_id)
         .join(Rating, Rating.message_id == Message.id)
         .where(Message.role == MessageRole.assistant)
-        .union(
-            select(Escalation.conversation_id).where(
-                Escalation.status == EscalationStatus.resolved, Escalation.resolution.is_not(None)
-            )
-        )
     )
+    resolved = select(Escalation.conversation_id).where(
+        Escalation.status == EscalationStatus.resolved, Escalation.resolution.is_not(None)
+    )
+    if since is not None:
+        rated = rated.where(Rating.created_at > since)
+        resolved = resolved.where(Escalation.resolved_at > since)
+    rows = session.execute(rated.union(resolved))
     return sorted({r[0] for r in rows})
 
 
@@ -139,7 +140,6 @@ def conversation_record(session: Session, conversation_id: int, counts: dict[str
     # older rows, to the answer itself; either way it is the target for that question's answer.
     answered = {m.reply_to_id for m in messages if m.role == MessageRole.assistant and m.reply_to_id}
     turns: list[dict[str, Any]] = []
-    kto: list[dict[str, Any]] = []
     consumed: set[int] = set()
     cited: list[str] = []
     for i, m in enumerate(messages):
@@ -163,12 +163,10 @@ def conversation_record(session: Session, conversation_id: int, counts: dict[str
         score = message_score(ratings.get(m.id, []))
         if m.fallback and score == GOOD:
             # A 👍 on a ticket's own repair text quoted in place of the model's: the model earned nothing.
-            # It stays as context, never as a target or a KTO row.
+            # It stays as context, never as a target.
             counts["answers_fallback"] += 1
             turns.append({"role": "assistant", "content": text, "weight": 0})
             continue
-        if score and turns:
-            kto.append({"prompt": [dict(t) for t in turns], "completion": text, "label": score == GOOD})
         resolved_fix = resolutions.get(m.id) or (resolutions.get(m.reply_to_id) if m.reply_to_id else None)
         if resolved_fix and score != GOOD and score != BAD:
             # Escalated without a rating: the technician's fix is what the answer should have been.
@@ -207,17 +205,15 @@ def conversation_record(session: Session, conversation_id: int, counts: dict[str
     record = Record(
         key=f"conversation:{conversation_id}", messages=[system, *turns[: last + 1]] if last >= 0 else []
     )
-    for row in kto:
-        row["prompt"] = [system, *row["prompt"]]
-        row["completion"] = [{"role": "assistant", "content": row["completion"]}]
-    record.kto = kto
-    if not record.messages and not record.kto:
+    if not record.messages:
         return None
     return record
 
 
-def records_from_database(session: Session, counts: dict[str, int]) -> Iterator[Record]:
-    for conversation_id in rated_conversation_ids(session):
+def records_from_database(
+    session: Session, counts: dict[str, int], since: datetime | None = None
+) -> Iterator[Record]:
+    for conversation_id in rated_conversation_ids(session, since):
         counts["conversations_rated"] += 1
         record = conversation_record(session, conversation_id, counts)
         if record is not None:
@@ -376,8 +372,7 @@ def write_dataset(
         return [{**m, "content": clean(m["content"])} for m in messages]
 
     seen: set[str] = set()
-    seen_kto: set[str] = set()
-    rows: dict[str, list[str]] = {TRAIN: [], VALIDATION: [], f"kto_{TRAIN}": [], f"kto_{VALIDATION}": []}
+    rows: dict[str, list[str]] = {TRAIN: [], VALIDATION: []}
     chats: dict[str, list[list[dict[str, Any]]]] = {TRAIN: [], VALIDATION: []}
     train_keys: list[str] = []
     for record in records:
@@ -393,17 +388,6 @@ def write_dataset(
                 chats[split].append(messages)
                 if split == TRAIN:
                     train_keys.append(record.key)
-        for row in record.kto:
-            prompt, completion = clean_messages(row["prompt"]), clean_messages(row["completion"])
-            fp = _fingerprint([*prompt, *completion, {"role": str(row["label"]), "content": ""}])
-            if fp in seen_kto:
-                continue
-            seen_kto.add(fp)
-            rows[f"kto_{split}"].append(
-                json.dumps(
-                    {"prompt": prompt, "completion": completion, "label": row["label"]}, ensure_ascii=False
-                )
-            )
     if not rows[TRAIN] and not rows[VALIDATION]:
         raise InputError(
             "nothing to export: no conversation has a trained answer (rate answers with /good or "
@@ -417,14 +401,11 @@ def write_dataset(
         chats[VALIDATION].append(chats[TRAIN].pop(index))
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    for name in (TRAIN, VALIDATION, f"kto_{TRAIN}", f"kto_{VALIDATION}"):
+    for name in (TRAIN, VALIDATION):
         _write_atomic(out_dir / f"{name}.jsonl", "".join(line + "\n" for line in rows[name]))
     counts.update(
         examples_train=len(rows[TRAIN]),
         examples_validation=len(rows[VALIDATION]),
-        kto_train=len(rows[f"kto_{TRAIN}"]),
-        kto_validation=len(rows[f"kto_{VALIDATION}"]),
-        kto_desirable=sum('"label": true' in r for r in rows[f"kto_{TRAIN}"] + rows[f"kto_{VALIDATION}"]),
     )
     tokens = token_stats(chats, tokenizer, max_seq_len) if tokenizer is not None else {}
     summary = ExportSummary(
@@ -504,7 +485,7 @@ Second anonymization pass: {"yes" if card["second_pass_scrub"] else "NO"}.
 Split: {card["validation_percent"]}% of conversations to validation, by a hash of the conversation key.
 
 Files: `train.jsonl`, `validation.jsonl` (chat messages; an assistant turn with `"weight": 0` is
-context only), `kto_train.jsonl`, `kto_validation.jsonl` (unpaired prompt/completion/label rows).
+context only).
 
 ## Counts
 
@@ -548,11 +529,13 @@ def export(
     tokenizer: Any = None,
     validation_percent: int = DEFAULT_VALIDATION_PERCENT,
     max_seq_len: int = 1024,
+    since: datetime | None = None,
 ) -> ExportSummary:
-    """Rated conversations from the database into ``out_dir``. InputError when there is nothing to train."""
+    """Rated conversations from the database into ``out_dir`` (with ``since``: only those rated after it).
+    InputError when there is nothing to train."""
     counts = new_counts()
     return write_dataset(
-        records_from_database(session, counts),
+        records_from_database(session, counts, since),
         out_dir,
         scrub=scrub,
         counts=counts,

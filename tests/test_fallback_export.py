@@ -1,5 +1,5 @@
 """A 👍 on an answer whose model text was dropped for a ticket's fix credits the ticket, not the model:
-such a turn is never a training target or a KTO row. Flagged answers never enter an export."""
+such a turn is never a training target. Flagged answers never enter an export."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from tests.test_learning import _conversation, _exchange
 
 def _rows(out: Path) -> list[dict]:
     rows = []
-    for name in ("train.jsonl", "validation.jsonl", "kto_train.jsonl", "kto_validation.jsonl"):
+    for name in ("train.jsonl", "validation.jsonl"):
         path = out / name
         if path.exists():
             rows += [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
@@ -47,7 +47,7 @@ def test_fallback_answer_rated_good_is_never_a_model_target(db: Database, tmp_pa
     assert summary.counts["answers_fallback"] == 1 and summary.counts["conversations_flagged"] == 1
     text = json.dumps(_rows(out))
     assert "Clean the scanner glass" in text  # the model's own good answer is a target
-    assert "What fixed this before" not in text  # neither a target nor a KTO completion
+    assert "What fixed this before" not in text  # never a target (that conversation has none, so it is not exported)
     assert "Reinstall the client" not in text
 
 

@@ -105,7 +105,7 @@ def seed(db: Database) -> dict[str, int]:
             )
         )
 
-        # 👎 with no fix anywhere: context only in SFT, a KTO row labelled false.
+        # 👎 with no fix anywhere: context only, never a target.
         conv = _conversation(s, "unpaired", user)
         first = _exchange(s, conv, "Wi-Fi is slow in room 4.", "Restart the router.")
         rate(session=s, message_id=first.id, value="bad")
@@ -204,14 +204,9 @@ def test_export_turns_ratings_into_chat_jsonl(db: Database, tmp_path: Path, scru
     unpaired = next(c for c in chats if any(m["content"] == "Restart the router." for m in c))
     assert [m.get("weight") for m in unpaired if m["role"] == "assistant"] == [0, 1]
 
-    kto = read(out / "kto_train.jsonl") + read(out / "kto_validation.jsonl")
-    bad = [r for r in kto if not r["label"]]
-    assert {r["completion"][0]["content"] for r in bad} == {
-        "Try turning it off and on.",
-        "Your badge is expired.",
-        "Restart the router.",
-    }
-    assert all(r["prompt"][-1]["role"] == "user" for r in kto)
+    # No preference (KTO) rows: nothing trains on them, so nothing writes them (issue 13).
+    assert sorted(p.name for p in out.glob("*.jsonl")) == ["train.jsonl", "validation.jsonl"]
+    assert not any(key.startswith("kto") for key in summary.counts)
 
     card = json.loads((out / "card.json").read_text())
     assert card["dataset_hash"] == summary.dataset_hash and card["second_pass_scrub"] is True

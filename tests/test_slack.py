@@ -248,9 +248,9 @@ def test_buttons_rate_change_the_vote_ask_why_and_escalate(stack, tmp_path):
     press("rate_good")
     thanks = fake.wait_for("chat.update", count=updates_before + 1, timeout=90)[-1]
     assert "Thanks: rated 👍" in json.dumps(blocks_of(thanks), ensure_ascii=False)
-    # The 👍 pressed in Slack is in the training export: as the model's KTO row, or, where the model's
-    # text was dropped for the ticket's fix (a fallback), counted for the ticket and never credited to
-    # the model (issue 10), which leaves this store with nothing to train on.
+    # The 👍 pressed in Slack is in the training export: the model's answer as a trained target, or, where
+    # the model's text was dropped for the ticket's fix (a fallback), counted for the ticket and never
+    # credited to the model (issue 10), which leaves this store with nothing to train on.
     out = tmp_path / "export"
     result = subprocess.run([sys.executable, "-m", "bot.cli", "export", "--out", str(out), "--json"],
                             env=settings_env(settings), cwd=ROOT, capture_output=True, text=True, timeout=300)
@@ -261,9 +261,10 @@ def test_buttons_rate_change_the_vote_ask_why_and_escalate(stack, tmp_path):
     else:
         assert result.returncode == 0, result.stderr
         summary = json.loads(result.stdout)
-        assert summary["counts"].get("kto_train", 0) + summary["counts"].get("kto_validation", 0) >= 1
-        rows = [json.loads(line) for p in out.glob("kto_*.jsonl") for line in p.read_text().splitlines() if line]
-        assert [row["label"] for row in rows] == [True]  # the only rating in this store is that 👍
+        assert summary["counts"]["answers_good"] == 1  # the only rating in this store is that 👍
+        rows = [json.loads(line) for p in out.glob("*.jsonl") for line in p.read_text().splitlines() if line]
+        targets = [m for row in rows for m in row["messages"] if m["role"] == "assistant" and m.get("weight", 1)]
+        assert len(targets) == 1
 
     press("rate_bad")  # a second press changes the vote and opens the "why?" modal
     view = fake.wait_for("views.open", timeout=60)[-1]["view"]
