@@ -36,6 +36,7 @@ ACTIONS: dict[str, Role] = {
     "retrain": Role.admin,
     "models.promote": Role.admin,
     "models.rollback": Role.admin,
+    "models.view": Role.admin,  # the model registry and training status in chat
     "console.view": Role.admin,  # the web console's quality, conversation, training and model pages
     "escalations.view": Role.technician,
     "tickets.search": Role.technician,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from functools import cached_property
 from pathlib import Path
+from typing import Any
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -90,6 +91,9 @@ class Settings(BaseSettings):
         None, description="Weights of the learned name model (default: the shipped ones)"
     )
     privacy_name_model_enabled: bool = Field(True, description="Use the learned name model beside the rules")
+    privacy_name_model_int8: bool = Field(
+        True, description="Run the name model in dynamic int8 (faster on CPU); false runs it in fp32"
+    )
 
     # Platforms
     slack_bot_token: SecretStr | None = Field(None, description="Slack bot token (xoxb-)")
@@ -147,6 +151,22 @@ class Settings(BaseSettings):
         "held-out TweetSumm) or model (the base model; did not)",
     )
 
+    # Retraining from chat and on schedule (model/retrain.py, bot/slack/admin.py, bot/telegram/admin.py)
+    retrain_min_new_ratings: int = Field(
+        20, ge=1, description="The beat retrains once at least this many ratings are newer than the last run"
+    )
+    retrain_check_every_s: float = Field(3600.0, gt=0, description="How often the beat counts new ratings")
+    retrain_config: dict[str, Any] = Field(
+        default_factory=dict,
+        description='TrainConfig fields for retrains from chat or the beat, JSON: \'{"max_steps": 200}\'',
+    )
+    retrain_gate_margin: float = Field(
+        0.01, ge=0, description="A retrained candidate must beat the active model (or the base) by this val_loss"
+    )
+    retrain_eval_limit: int = Field(
+        200, ge=1, description="Validation conversations a retrain's evaluation reads (bounded time)"
+    )
+
     # Roles (core/roles.py) and the web console (bot/web). Ids are platform-qualified, JSON in the
     # environment: SUPPORTBOT_ADMINS='["slack:U123", "telegram:42"]'.
     admins: list[str] = Field(default_factory=list, description="Platform-qualified ids of admins")
@@ -165,6 +185,17 @@ class Settings(BaseSettings):
             if not platform or not external_id:
                 raise ValueError(f"{entry!r} is not a platform-qualified id like 'slack:U123' or 'telegram:42'")
         return [entry.strip() for entry in value]
+
+    @field_validator("retrain_config")
+    @classmethod
+    def _known_train_options(cls, value: dict[str, Any]) -> dict[str, Any]:
+        from model.train_config import TrainConfig  # torch-free; refused at start-up, not mid-retrain
+
+        try:
+            TrainConfig.from_dict(value).validate()
+        except Exception as err:
+            raise ValueError(f"retrain_config: {err}") from err
+        return value
 
     @model_validator(mode="after")
     def _real_web_secret(self) -> Settings:

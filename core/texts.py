@@ -128,3 +128,38 @@ DESK_RESOLVE_PROMPT = (
 DESK_RESOLVE_USAGE = "Reply /resolve <what fixed it> to an escalation's message on the desk."
 DESK_RESOLVING = "Resolving escalation #{id}…"
 DESK_NOT_IN_ESCALATION = "This message is not part of an escalation: reply to an escalation's message on the desk."
+
+# Admins in chat (model/retrain.py, bot/slack/admin.py, bot/telegram/admin.py): retrain, promote, roll back.
+ADMIN_HELP = (
+    "Admin commands: status (active model, latest candidate, new ratings), retrain (train a candidate on what "
+    "was rated since the active model and report back), models (the registry), promote NAME (a candidate that "
+    "passed the gate), rollback (back to the previous model)."
+)
+ADMIN_ONLY_PRIVATE = "Admin commands work in a private chat with me only."
+ADMIN_REFUSED = "Refused: {why}"
+ADMIN_RETRAIN_QUEUED = (
+    "Retraining queued: I export what was rated since the active model, train a candidate, evaluate it "
+    "against the active model and the base, and send you the report here."
+)
+ADMIN_RETRAIN_BUSY = "A training run is already {status} (run {run}); I report when it is done."
+ADMIN_ACTIVE = "Active model: {name} (promoted {since})"
+ADMIN_ACTIVE_BASE = "Active model: the base model (no adapter promoted yet)"
+ADMIN_CANDIDATE = "Latest candidate: {name} ({status}): {verdict}"
+ADMIN_NO_CANDIDATE = "Latest candidate: none"
+ADMIN_NOT_EVALUATED = "not evaluated from chat"
+ADMIN_NEW_RATINGS = "New ratings since the last training run: {count}"
+ADMIN_RUNNING = "Training run {run} is {status} (step {step}/{total_steps})"
+ADMIN_NO_MODELS = "No adapters yet: the base model serves. Retrain once answers are rated."
+ADMIN_PROMOTED = "Promoted {name}: new answers come from it (model_version shows it)."
+ADMIN_ROLLED_BACK = "Rolled back: {name} serves now."
+ADMIN_PROMOTE_NEEDS_NAME = "promote needs the candidate's name (see models)."
+ADMIN_REPORT = "Retrain report: candidate {name} (run {run}). Promotion gate: {verdict}. {why}"
+ADMIN_GATE_PASSED = "passed, press Promote to serve it"
+ADMIN_GATE_REFUSED = "refused, the active model keeps serving"
+ADMIN_NOTHING_NEW = "Nothing to retrain on: no conversation was rated since {since}. The active model keeps serving."
+ADMIN_RETRAIN_FAILED = "Retraining failed (run {run}): {error}. The active model keeps serving."
+ADMIN_SCHEDULED = "Scheduled retrain ({count} new ratings since the last run)."
+ADMIN_LOSS_TITLE = "Loss curve of {name}"
+BUTTON_RETRAIN = "Retrain"
+BUTTON_PROMOTE = "Promote"
+BUTTON_ROLLBACK = "Roll back"

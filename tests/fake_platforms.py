@@ -38,6 +38,7 @@ class FakePlatforms:
         self.rate_limits: dict[str, int] = {}  # method -> how many next calls get 429
         self.rate_limit_where: dict[str, Any] = {}  # method -> which calls count (a predicate on the payload)
         self.updates: list[dict[str, Any]] = []
+        self.uploads: dict[str, bytes] = {}  # Slack file id or Telegram form field -> uploaded bytes
         self.socket_url: str | None = None
         self._ts = itertools.count(1)
         self._message_ids = itertools.count(5000)
@@ -52,11 +53,22 @@ class FakePlatforms:
 
             def do_POST(self) -> None:  # noqa: N802
                 length = int(self.headers.get("Content-Length") or 0)
-                raw = self.rfile.read(length).decode() if length else ""
+                body = self.rfile.read(length) if length else b""
                 kind = self.headers.get("Content-Type", "")
-                if "json" in kind and raw:
-                    payload = json.loads(raw)
+                if self.path.startswith("/upload/") or "multipart/form-data" in kind:
+                    # Binary bodies: Slack's file upload URL, Telegram's sendPhoto (admin reports).
+                    payload = owner.take_binary(self.path, kind, body)
+                    if self.path.startswith("/upload/"):
+                        self.send_response(200)
+                        self.send_header("Content-Type", "text/plain")
+                        self.send_header("Content-Length", "2")
+                        self.end_headers()
+                        self.wfile.write(b"OK")
+                        return
+                elif "json" in kind and body:
+                    payload = json.loads(body.decode())
                 else:
+                    raw = body.decode()
                     payload = {k: v[0] for k, v in parse_qs(raw).items()}
                     if "?" in self.path:
                         payload.update({k: v[0] for k, v in parse_qs(self.path.split("?", 1)[1]).items()})
@@ -122,6 +134,15 @@ class FakePlatforms:
                 return {"ok": True, "members": self.member_pages[page], "response_metadata": {"next_cursor": following}}
             if method == "chat.postMessage":
                 return {"ok": True, "channel": payload.get("channel"), "ts": payload.get("_ts") or self.next_ts()}
+            if method == "conversations.open":  # a DM with the user (admin reports)
+                return {"ok": True, "channel": {"id": "D" + str(payload.get("users", "")).split(",")[0]}}
+            if method == "files.getUploadURLExternal":
+                file_id = f"F{next(self._ts):08d}"
+                return {"ok": True, "file_id": file_id, "upload_url": f"http://127.0.0.1:{self.port}/upload/{file_id}"}
+            if method == "files.completeUploadExternal":
+                files = payload.get("files")
+                files = json.loads(files) if isinstance(files, str) else files or []
+                return {"ok": True, "files": [{"id": f["id"], "title": f.get("title")} for f in files]}
             if method == "chat.update":
                 return {"ok": True, "channel": payload.get("channel"), "ts": payload.get("ts")}
             if method == "chat.getPermalink":  # the desk card links back to the employee's thread
@@ -143,7 +164,7 @@ class FakePlatforms:
                 if pending or time.monotonic() >= deadline:
                     return {"ok": True, "result": pending}
                 time.sleep(0.05)
-        if method in ("sendMessage", "editMessageText"):
+        if method in ("sendMessage", "editMessageText", "sendPhoto"):
             chat_id = int(payload["chat_id"])
             return {"ok": True, "result": {
                 "message_id": int(payload.get("message_id") or payload.get("_message_id") or next(self._message_ids)), "date": int(time.time()),
@@ -151,6 +172,29 @@ class FakePlatforms:
                 "from": {"id": TELEGRAM_BOT_ID, "is_bot": True, "first_name": "supportbot", "username": TELEGRAM_BOT_NAME},
                 "text": payload.get("text", "")}}
         return {"ok": True, "result": True}
+
+    def take_binary(self, path: str, content_type: str, body: bytes) -> dict[str, Any]:
+        """A Slack upload (raw bytes, kept in ``uploads`` by file id) or a Telegram multipart form (its
+        text fields as the payload, each file's bytes in ``uploads`` by field name)."""
+        if path.startswith("/upload/"):
+            with self._lock:
+                self.uploads[path.rsplit("/", 1)[-1]] = body
+            return {"_bytes": len(body)}
+        from email.parser import BytesParser
+        from email.policy import HTTP
+
+        form = BytesParser(policy=HTTP).parsebytes(f"Content-Type: {content_type}\r\n\r\n".encode() + body)
+        payload: dict[str, Any] = {}
+        for part in form.iter_parts():
+            name = part.get_param("name", header="content-disposition")
+            data = part.get_payload(decode=True) or b""
+            if part.get_filename():
+                payload[f"_file_{name}"] = len(data)
+                with self._lock:
+                    self.uploads[str(name)] = data
+            else:
+                payload[str(name)] = data.decode()
+        return payload
 
     def push_update(self, update: dict[str, Any]) -> None:
         with self._lock:

@@ -10,7 +10,7 @@ from kombu import Queue
 
 from core.settings import Settings
 
-app = Celery("supportbot", include=["workers.tasks", "workers.train_tasks", "workers.desk_tasks"])
+app = Celery("supportbot", include=["workers.tasks", "workers.train_tasks", "workers.desk_tasks", "workers.retrain_tasks"])
 
 ANSWER_QUEUE = "answer"
 LIGHT_QUEUE = "light"
@@ -40,6 +40,7 @@ def configure(settings: Settings) -> Celery:
         task_routes={
             "supportbot.answer": {"queue": ANSWER_QUEUE},
             "supportbot.train": {"queue": TRAIN_QUEUE},
+            "supportbot.retrain": {"queue": TRAIN_QUEUE},
             "supportbot.light.*": {"queue": LIGHT_QUEUE},
         },
         broker_connection_retry_on_startup=True,
@@ -52,6 +53,13 @@ def configure(settings: Settings) -> Celery:
             "export-training-data": {
                 "task": "supportbot.light.export",
                 "schedule": 24 * 3600.0,
+                "options": {"queue": LIGHT_QUEUE},
+            },
+            # Retrain when enough new ratings came in (workers/retrain_tasks.py); the gate and an admin
+            # still decide whether the candidate serves.
+            "retrain-when-rated": {
+                "task": "supportbot.light.retrain_check",
+                "schedule": settings.retrain_check_every_s,
                 "options": {"queue": LIGHT_QUEUE},
             },
             # Unclaimed and idle escalations (workers/desk_tasks.py); each is pinged once per period.

@@ -97,6 +97,11 @@ def build_app(*, settings: Settings, intake: Intake, socket_mode: bool = False, 
         request_verification_enabled=not socket_mode,
     )
     db = intake.db
+    # Admin commands and buttons (retrain, promote, roll back, App Home) first: Bolt runs the first
+    # matching /supportbot listener, and the one below keeps every other word.
+    from bot.slack import admin
+
+    admin.register(app, settings=settings, db=db)
 
     def sql(fn, /, **kwargs: Any):  # type: ignore[no-untyped-def]
         def run():  # type: ignore[no-untyped-def]

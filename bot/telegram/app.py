@@ -80,6 +80,11 @@ def build_application(*, settings: Settings, intake: Intake):  # type: ignore[no
         .build()
     )
     db = intake.db
+    # Admin commands in private chats and the report's Promote button (bot/telegram/admin.py), added
+    # first so their callbacks are matched before the rating keyboard's.
+    from bot.telegram import admin
+
+    admin.register(application, settings=settings, db=db)
     only_new = filters.UpdateType.MESSAGE  # edited messages are never answered again
 
     def sql(fn):  # type: ignore[no-untyped-def]
