@@ -291,4 +291,46 @@ def test_the_beat_queues_a_retrain_for_the_admins_once_enough_new_ratings_exist(
     assert queued == [{"requested_by": BEAT_ACTOR, "targets": [{"platform": "slack", "user": ADMIN},
                                                               {"platform": "telegram", "user": str(TG_ADMIN)}]}]
     assert ("retrain", "allowed") in audit(db, BEAT_ACTOR)
+    # The same ratings do not queue it again, even when that retrain created no run (nothing new).
+    assert check_due(settings=settings, database=db, enqueue=enqueue)["new_ratings"] == 0 and len(queued) == 1
+    db.engine.dispose()
+
+
+def test_chat_commands_promote_only_what_passed_against_what_serves_and_roll_back(tmp_path) -> None:
+    """The command layer both chats share, in-process: role checks, the gate's verdict, rollback."""
+    from model.retrain import EVALUATION_KEY, chat_command
+
+    settings = load_settings(data_dir=tmp_path / "data", admins=[f"slack:{ADMIN}"])
+    upgrade(settings.db_url)
+    db = Database.from_settings(settings)
+
+    def candidate(name: str, passed: bool, reference: str) -> None:
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "adapter_config.json").write_text("{}")
+        gate = {"passed": passed, "why": "test verdict", "reference": reference}
+        with db.session() as s:
+            version = registry.register_candidate(session=s, name=name, base_model="b", adapter_path=folder,
+                                                  dataset_hash=None, config={}, metrics={})  # fmt: skip
+            version.metrics = {EVALUATION_KEY: {"status": "evaluated", "gate": gate}}
+
+    def say(text: str, who: str = f"slack:{ADMIN}") -> str:
+        with db.session() as s:
+            return chat_command(session=s, settings=settings, actor=who, text=text).text
+
+    candidate("first", True, "base")
+    candidate("second", True, "base")  # judged against the base, which will no longer serve
+    candidate("loser", False, "base")
+    assert say("promote first", f"slack:{EMPLOYEE}").startswith("Refused")
+    assert "did not pass the gate" in say("promote loser")
+    assert say("promote first").startswith("Promoted first")
+    assert "judged against base, but first serves now" in say("promote second")
+    assert "first" in say("status") and "first" in say("models")
+    assert say("rollback") == "Rolled back: base serves now."
+    assert "no adapter is active" in say("rollback")
+    assert say("bogus").startswith("Admin commands")
+    trail = audit(db, f"slack:{ADMIN}")
+    assert ("models.promote", "succeeded") in trail and ("models.promote", "failed") in trail
+    assert ("models.rollback", "succeeded") in trail and ("models.rollback", "failed") in trail
+    assert ("models.promote", "denied") in audit(db, f"slack:{EMPLOYEE}")
     db.engine.dispose()

@@ -84,10 +84,18 @@ def retrain_check() -> dict[str, Any]:
 
 
 def check_due(*, settings: Any, database: Any, enqueue: Any) -> dict[str, Any]:
+    from sqlalchemy import func, select
+
+    from core.schema import AuditEntry
     from model.retrain import last_run_at, new_ratings, run_in_progress
 
     with database.session() as session:
-        count = new_ratings(session=session, since=last_run_at(session=session))
+        # Counted from the last run, or from the beat's last retrain when that one found nothing to
+        # train on (it created no run): otherwise the same ratings would queue a retrain every check.
+        last_queued = session.scalar(select(func.max(AuditEntry.at)).where(
+            AuditEntry.actor == BEAT_ACTOR, AuditEntry.action == "retrain", AuditEntry.result == "allowed"))
+        since = max((t for t in (last_run_at(session=session), last_queued) if t is not None), default=None)
+        count = new_ratings(session=session, since=since)
         busy = run_in_progress(session=session) is not None
         if busy or count < settings.retrain_min_new_ratings:
             return {"queued": False, "new_ratings": count, "busy": busy}
