@@ -12,6 +12,10 @@ the same machine in the same run:
 2. `supportbot --help`: process start -> exit (goal <= 0.5 s);
 3. `supportbot anonymize` of one line: process start -> exit.
 
+4. the floor: a bare ``python -c "import torch; from transformers import AutoModelForCausalLM"``, the
+   imports any worker that runs the model through transformers pays before it does anything (no
+   supportbot code at all), so "worker ready" can be read against what this machine allows.
+
 Then, for "after", where a worker's start goes (imports, model, index, anonymizer), from timers around
 each step in one fresh process (`--breakdown`).
 """
@@ -58,6 +62,16 @@ def _cli(tree: Path, data_dir: Path, *argv: str, stdin: str = "") -> float:
     if done.returncode != 0:
         raise RuntimeError(f"{tree}: supportbot {' '.join(argv)} failed: {done.stderr[-2000:]}")
     return took
+
+
+FLOOR = "import torch; from transformers import AutoModelForCausalLM, BitsAndBytesConfig"
+
+
+def _floor() -> float:
+    started = time.perf_counter()
+    subprocess.run([sys.executable, "-c", FLOOR], check=True, capture_output=True, timeout=600,
+                   env={**os.environ, "HF_HUB_OFFLINE": "1"})  # fmt: skip
+    return time.perf_counter() - started
 
 
 def _worker_ready(tree: Path, data_dir: Path, timeout: float = 600.0) -> float:
@@ -154,6 +168,7 @@ def main() -> int:
                 _prepare(tree, dirs[name])
             results: dict[str, dict[str, list[float]]] = {n: {"worker_ready_s": [], "help_s": [], "anonymize_s": []}
                                                           for n in trees}  # fmt: skip
+            floor: list[float] = []
             for run in range(args.runs):
                 order = list(trees) if run % 2 == 0 else list(reversed(trees))  # neither always goes first
                 for name in order:
@@ -161,6 +176,7 @@ def main() -> int:
                     results[name]["help_s"].append(_cli(tree, data, "--help"))
                     results[name]["anonymize_s"].append(_cli(tree, data, "anonymize", stdin=LINE))
                     results[name]["worker_ready_s"].append(_worker_ready(tree, data))
+                floor.append(_floor())
             parts = subprocess.run(
                 [sys.executable, "-m", "bench.cold_start", "--breakdown"], cwd=ROOT, env=_env(ROOT, dirs["after"]),
                 capture_output=True, text=True, timeout=900, check=True,
@@ -177,6 +193,7 @@ def main() -> int:
         "median": medians,
         "after_over_before": {k: round(medians["after"][k] / medians["before"][k], 3) for k in medians["after"]},
         "goals": {"worker_ready_s": 5.0, "help_s": 0.5},
+        "import_floor_s": round(statistics.median(floor), 3),
         "all": results,
         "worker_start_breakdown_s": json.loads(parts.strip().splitlines()[-1]),
         "cpus": os.cpu_count(),
@@ -193,6 +210,9 @@ def main() -> int:
         goal = report["goals"].get(key)
         print(f"  {label:32s} before {b:7.2f} s  after {a:7.2f} s  after/before {a / b:5.2f}"
               + (f"  (goal <= {goal:g} s)" if goal else ""))  # fmt: skip
+    print(f"  import floor (torch + transformers' model classes, no supportbot code): "
+          f"{report['import_floor_s']:.2f} s; worker ready after/floor "
+          f"{medians['after']['worker_ready_s'] / report['import_floor_s']:.2f}")  # fmt: skip
     print("where a worker's start goes (after, one process):")
     for name, took in report["worker_start_breakdown_s"].items():
         print(f"  {name:60s} {took:6.2f} s")
