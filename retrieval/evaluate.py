@@ -109,7 +109,10 @@ def evaluate(*, settings: Settings, tickets: Path, queries: Path, k: int = 10,
     return scores
 
 
-def read_pairs(path: Path, *, question_field: str, answer_field: str, id_field: str = "id") -> list[dict[str, str]]:
+def json_objects(path: Path) -> list[dict[str, Any]]:
+    """Every object of a JSONL file, in order; a line that is not a JSON object is an InputError."""
+    if not path.is_file():
+        raise InputError(f"{path} is not a file")
     rows = []
     with open(path, encoding="utf-8") as handle:
         for line_no, line in enumerate(handle, 1):
@@ -119,9 +122,18 @@ def read_pairs(path: Path, *, question_field: str, answer_field: str, id_field: 
                 row = json.loads(line)
             except json.JSONDecodeError as err:
                 raise InputError(f"{path}:{line_no}: invalid JSON ({err.msg})") from err
-            question, answer = row.get(question_field), row.get(answer_field)
-            if isinstance(question, str) and question.strip() and isinstance(answer, str) and answer.strip():
-                rows.append({"id": str(row.get(id_field) or f"row-{line_no}"), "q": question, "a": answer})
+            if not isinstance(row, dict):
+                raise InputError(f"{path}:{line_no}: expected a JSON object")
+            rows.append(row)
+    return rows
+
+
+def read_pairs(path: Path, *, question_field: str, answer_field: str, id_field: str = "id") -> list[dict[str, str]]:
+    rows = []
+    for n, row in enumerate(json_objects(path), 1):
+        question, answer = row.get(question_field), row.get(answer_field)
+        if isinstance(question, str) and question.strip() and isinstance(answer, str) and answer.strip():
+            rows.append({"id": str(row.get(id_field) or f"row-{n}"), "q": question, "a": answer})
     if not rows:
         raise InputError(f"{path} holds no {question_field!r} -> {answer_field!r} pairs")
     return rows

@@ -29,6 +29,7 @@ from core import texts
 from core.errors import InputError
 from core.settings import Settings
 from model.prompt import build_messages, estimate_hours
+from retrieval.evaluate import json_objects
 from workers.compose import compose, is_loop
 
 log = logging.getLogger(__name__)
@@ -39,24 +40,6 @@ class Case:
     id: str
     question: str
     reference: str
-
-
-def read_rows(path: Path) -> list[dict[str, Any]]:
-    if not path.is_file():
-        raise InputError(f"{path} is not a file")
-    rows = []
-    with open(path, encoding="utf-8") as handle:
-        for line_no, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise InputError(f"{path}:{line_no}: invalid JSON ({err.msg})") from err
-            if not isinstance(row, dict):
-                raise InputError(f"{path}:{line_no}: expected a JSON object")
-            rows.append(row)
-    return rows
 
 
 def held_out(ticket_id: str, percent: int) -> bool:
@@ -118,12 +101,12 @@ def evaluate_rag(
     from retrieval.ingest import ingest_file
     from retrieval.search import TicketIndex
 
-    rows = read_rows(tickets)
+    rows = json_objects(tickets)
     if questions is None:
         index_rows, asked_rows = split_tickets(rows, holdout_percent)
     else:
         index_rows = rows
-        asked_rows = read_rows(questions)
+        asked_rows = json_objects(questions)
     cases = [
         Case(_id(r, n), str(r.get(question_field) or "").strip(), str(r.get(reference_field) or "").strip())
         for n, r in enumerate(asked_rows)
