@@ -135,7 +135,6 @@ ADMIN_HELP = (
     "was rated since the active model and report back), models (the registry), promote NAME (a candidate that "
     "passed the gate), rollback (back to the previous model)."
 )
-ADMIN_ONLY_PRIVATE = "Admin commands work in a private chat with me only."
 ADMIN_REFUSED = "Refused: {why}"
 ADMIN_RETRAIN_QUEUED = (
     "Retraining queued: I export what was rated since the active model, train a candidate, evaluate it "
@@ -158,7 +157,7 @@ ADMIN_GATE_PASSED = "passed, press Promote to serve it"
 ADMIN_GATE_REFUSED = "refused, the active model keeps serving"
 ADMIN_NOTHING_NEW = "Nothing to retrain on: no conversation was rated since {since}. The active model keeps serving."
 ADMIN_RETRAIN_FAILED = "Retraining failed (run {run}): {error}. The active model keeps serving."
-ADMIN_SCHEDULED = "Scheduled retrain ({count} new ratings since the last run)."
+ADMIN_SCHEDULED = "Scheduled retrain (enough new ratings came in). "
 ADMIN_LOSS_TITLE = "Loss curve of {name}"
 BUTTON_RETRAIN = "Retrain"
 BUTTON_PROMOTE = "Promote"

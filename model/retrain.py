@@ -277,12 +277,16 @@ def report_text(report: dict[str, Any]) -> str:
     from core import texts
 
     if report["status"] == "nothing_new":
-        return texts.ADMIN_NOTHING_NEW.format(since=report.get("since") or "the start")
-    if report["status"] != "evaluated":
-        return texts.ADMIN_RETRAIN_FAILED.format(run=report.get("run", "-"), error=report.get("error", "unknown"))
-    gate = report["gate"]
-    verdict = texts.ADMIN_GATE_PASSED if gate["passed"] else texts.ADMIN_GATE_REFUSED
-    return texts.ADMIN_REPORT.format(name=report["version"], run=report.get("run"), verdict=verdict, why=gate["why"])
+        text = texts.ADMIN_NOTHING_NEW.format(since=report.get("since") or "the start")
+    elif report["status"] != "evaluated":
+        text = texts.ADMIN_RETRAIN_FAILED.format(run=report.get("run", "-"), error=report.get("error", "unknown"))
+    else:
+        gate = report["gate"]
+        verdict = texts.ADMIN_GATE_PASSED if gate["passed"] else texts.ADMIN_GATE_REFUSED
+        text = texts.ADMIN_REPORT.format(name=report["version"], run=report.get("run"), verdict=verdict,
+                                         why=gate["why"])  # fmt: skip
+    # The beat's reports reach every admin; say why one arrived unasked.
+    return (texts.ADMIN_SCHEDULED + text) if str(report.get("requested_by", "")).startswith("beat:") else text
 
 
 # One admin command, whichever chat it came from ---------------------------------------------------
