@@ -77,6 +77,17 @@ def test_bidi_override_does_not_hide_an_email(anonymizer: Anonymizer) -> None:
         ("我是李娜，我的电脑开不了机。", "李娜"),
         ("田中さんにVPNについて聞いてください。", "田中"),
         ("어제 이서연님이 프린터를 고쳤어요.", "이서연"),
+        # role nouns and thanks as cues, in each language as in English ("my manager X", "thanks X")
+        ("Инженер Олег Сидоренко приедет завтра.", "Олег Сидоренко"),
+        ("شكرا سرور الأيوبي على المساعدة.", "سرور الأيوبي"),
+        ("इंजीनियर विजया नाथ कल आएंगे।", "विजया नाथ"),
+        ("谢谢王伟的帮助。", "王伟"),
+        ("我的经理李娜批准了。", "李娜"),
+        ("박지훈 팀장님이 승인했습니다.", "박지훈"),
+        # a Japanese name in one run of five characters, after an English cue; a Devanagari name in an
+        # English line with fewer Latin letters than Devanagari ones
+        ("cc 岡田裕美子 please", "岡田裕美子"),
+        ("राजेन्द्र भट्टाचार्य will call you back", "राजेन्द्र भट्टाचार्य"),
     ],
 )
 def test_names_in_other_scripts(anonymizer: Anonymizer, text: str, name: str) -> None:
@@ -96,6 +107,10 @@ def test_names_in_other_scripts(anonymizer: Anonymizer, text: str, name: str) ->
         "3층 프린터가 인쇄되지 않습니다.",
         "三楼的打印机无法打印，显示卡纸。",
         "プリンターが紙詰まりで印刷できません。",
+        # cue words followed by ordinary words, not names
+        "谢谢你们的帮助，联系我们的客服。",
+        "Спасибо за помощь, инженер приедет завтра.",
+        "शुक्रिया, प्रिंटर अब ठीक है।",
     ],
 )
 def test_sentences_in_other_scripts_keep_their_words(anonymizer: Anonymizer, text: str) -> None:

@@ -65,13 +65,22 @@ WORD = re.compile(
     "|".join(f"(?P<{name}>[{chars}]+(?:[-'\u02bc\u2019][{chars}]+)*)" for name, chars in SCRIPTS.items())
 )
 LATIN_LETTER = re.compile(r"[A-Za-z\u00c0-\u024f]")
+LATIN_WORD = re.compile(r"[A-Za-z\u00c0-\u024f]+")
 
 # A word this common in its language is an ordinary word unless a cue says otherwise (Zipf scale).
 COMMON_ZIPF = 3.0
 # After a cue word ("ask", "مع"), a word this common is still taken for an ordinary word.
 CUED_MAX_ZIPF = 4.2
+# After a CJK cue, a name does not begin with a word this common (我们 6.5; names: 王伟 0, 建华 3.6).
+COMMON_WORD_AFTER_CUE_ZIPF = 4.5
 # A text with at most this many words of a script beside Latin text quotes them: names, mostly.
 EMBEDDED_MAX_WORDS = 4
+# A word of an uncased script beside a name joins it below this frequency. Corpora of Hindi or Arabic
+# name people often, so family names there reach Zipf 4-4.5 ("पवार" 4.0); the postpositions and
+# particles that follow names are far above it (ने, को, من: 6 and more).
+UNCASED_NEIGHBOUR_MAX_ZIPF = 4.6
+# Two rare-enough words between a cue and its other side are a given name and a family name.
+PAIR_MAX_ZIPF = 5.0
 # Cyrillic family names and patronymics by their endings (nominative, both genders).
 CYRILLIC_SURNAME = re.compile(
     r"(?:ов|ев|ёв|ин|ын|ова|ева|ёва|ина|ына|ский|ская|цкий|цкая|енко|чук|юк|ук|ович|евич|овна|евна|ична|івна|ївна|івич|ян|дзе|швили)$"
@@ -80,7 +89,9 @@ CYRILLIC_SURNAME = re.compile(
 LATIN_CUES = frozenset(
     _words(
         "i'm im am is ask asked cc from by to with thanks thank hi hello hey dear mr mr. mrs mrs. ms ms. dr dr. "
-        "colleague named name called call contact ping tell told and"
+        "colleague named name called call contact ping tell told and "
+        # the role nouns names.py takes as cues: "my manager X", "our technician X"
+        "manager colleague coworker boss engineer technician admin lead"
     )
 )
 # Cues inside the scripts: words before a name, and honorifics or particles right after one.
@@ -91,13 +102,23 @@ NATIVE_BEFORE = frozenset(
         "κύριος κυρία κ. ρωτήστε τον την με λένε συνάδελφος από "
         "اسمي السيد السيدة الأستاذ الدكتور المهندس زميلي اسأل مع من إلى و أنا آقای خانم "
         "नाम श्री श्रीमती सुश्री डॉ मैं और "
-        "我是 我叫 叫 联系 找 问 请 给 和 跟 同事 私は 担当の"
+        "我是 我叫 叫 联系 找 问 请 给 和 跟 同事 私は 担当の "
+        # role nouns before a name, as in English ("my manager X", names.py's CUE_WORDS), per language
+        "руководитель начальник менеджер инженер техник сотрудник сотрудница администратор керівник колега "
+        "інженер колеги "
+        "προϊστάμενος προϊσταμένη διευθυντής διευθύντρια συνάδελφος συνάδελφο μηχανικός τεχνικός "
+        "مديري مديرتي زميلي زميلتي المدير المديرة المهندس المهندسة الفني الموظف الموظفة الأستاذة الأخ الأخت "
+        "معك هنا "
+        "मैनेजर प्रबंधक सहकर्मी इंजीनियर तकनीशियन साथी "
+        # thanks and greetings, as LATIN_CUES has them ("thanks X", "hi X")
+        "спасибо благодарю дякую привет ευχαριστώ ευχαριστούμε γεια شكرا شكراً مرحبا धन्यवाद शुक्रिया नमस्ते"
     )
 )
 NATIVE_AFTER = frozenset(
     _words(
         "先生 女士 小姐 老师 经理 同事 说 的 在 负责 さん 様 さま くん ちゃん 氏 先生 が は 씨 님 선생님 에게 한테 "
-        "जी ने साहब"
+        "जी ने साहब बोल "
+        "팀장 과장 부장 대리 사원 주임 팀장님 과장님 부장님 대리님"
     )
 )
 # Cues that introduce a person and nothing else ("my name is", "Mr.", "-san").
@@ -107,7 +128,10 @@ STRONG_BEFORE = frozenset(
         "श्री श्रीमती सुश्री नाम"
     )
 )
-STRONG_AFTER = frozenset(_words("씨 님 선생님 जी साहब"))
+STRONG_AFTER = frozenset(_words("씨 님 선생님 जी साहब 팀장 과장 부장 대리 주임"))
+# Possessives after a role noun ("руководитель мой", "προϊστάμενός μου"): the cue is the word before.
+POSSESSIVES = frozenset(_words("мой моя мой наш наша мій моя μου μας mera meri"))
+KOREAN_TITLES = frozenset(_words("팀장 과장 부장 대리 주임 사원 선생 선생님 사장 실장"))
 KOREAN_PARTICLES = (
     "입니다",
     "이에요",
@@ -131,7 +155,33 @@ KOREAN_PARTICLES = (
     "의",
     "도",
 )
-CJK_BEFORE = ("我是", "我叫", "叫", "联系", "找", "问", "请", "给", "和", "跟", "同事", "私は", "担当の")
+CJK_BEFORE = (
+    "我是",
+    "我叫",
+    "叫",
+    "联系",
+    "找",
+    "问",
+    "请",
+    "给",
+    "和",
+    "跟",
+    "同事",
+    "私は",
+    "担当の",
+    "谢谢",
+    "感谢",
+    "多谢",
+    # role nouns, as in English ("my manager X")
+    "经理",
+    "主管",
+    "领导",
+    "工程师",
+    "负责人",
+    "上司",
+    "課長",
+    "部長",
+)
 CJK_AFTER = (
     "先生",
     "女士",
@@ -261,6 +311,7 @@ class ScriptNameFinder:
         if not words:
             return []
         latin = len(LATIN_LETTER.findall(text))
+        latin_words = len(LATIN_WORD.findall(text))
         per_script: dict[str, int] = {}
         letters: dict[str, int] = {}
         for w in words:
@@ -270,7 +321,9 @@ class ScriptNameFinder:
         marked = [False] * len(words)
         for i, w in enumerate(words):
             # A few words of this script inside Latin text; a sentence in the script has more words.
-            embedded = latin > letters[w.script] and per_script[w.script] <= EMBEDDED_MAX_WORDS
+            # (Letters or words: a two-word Devanagari name has as many letters as a short English line.)
+            mostly_latin = latin > letters[w.script] or latin_words >= 2 * per_script[w.script]
+            embedded = mostly_latin and per_script[w.script] <= EMBEDDED_MAX_WORDS
             if self._is_name(text, words, i, embedded):
                 marked[i] = True
         # A neighbour of a name (only spaces between, same script) that is no common word joins it.
@@ -283,7 +336,13 @@ class ScriptNameFinder:
                 for j in (i - 1, i + 1):
                     if 0 <= j < len(words) and marked[j] and words[j].script == w.script:
                         gap = text[min(w.end, words[j].end) : max(w.start, words[j].start)]
-                        if gap.strip() == "" and 0 < len(gap) <= 2 and self._could_be_name_part(w):
+                        if (
+                            gap.strip() == ""
+                            and 0 < len(gap) <= 2
+                            and self._could_be_name_part(w)
+                            and not _is_cue(w.text)
+                            and not (j < i and _closes_name(words[j]))
+                        ):
                             marked[i] = changed = True
         for i, w in enumerate(words):
             if marked[i]:
@@ -300,7 +359,38 @@ class ScriptNameFinder:
             return True
         if w.script in CASED:
             return w.text[0].isupper() and self.lists.zipf(w.script, w.text) < 4.5
-        return self.lists.zipf(w.script, w.text) < 4.0 and len(w.text) <= 12
+        if w.script in ("cjk", "hangul"):
+            return self.lists.zipf(w.script, w.text) < 4.0 and len(w.text) <= 12
+        return self.lists.zipf(w.script, w.text) < UNCASED_NEIGHBOUR_MAX_ZIPF and len(w.text) <= 12
+
+    def _starts_with_family_name(self, run: str) -> bool:
+        """A CJK run of at most 6 characters that begins with a family name from the lists (岡田裕美子,
+        オオタ翔太): family name and given name written together. Longer runs are phrases."""
+        family = self.lists.family.get("cjk", frozenset())
+        return len(run) <= 6 and any(run[:n] in family for n in range(1, 5))
+
+    def _pair_with_cue(self, text: str, words: list[_Word], i: int) -> bool:
+        """Uncased scripts: two adjacent words between a cue word and the other side ("मैनेजर विजया नाथ ने",
+        "مع سرور الأيوبي") are a given name and a family name when neither is a common word, even where
+        one alone would be too common to take (many names are words: سرور "joy", नाथ "lord")."""
+        w = words[i]
+        for j in (i - 1, i + 1):
+            if not (0 <= j < len(words)) or words[j].script != w.script:
+                continue
+            first, second = (words[j], w) if j < i else (w, words[j])
+            if text[first.end : second.start] != " ":
+                continue
+            if max(self.lists.zipf(w.script, x.text) for x in (first, second)) >= PAIR_MAX_ZIPF:
+                continue
+            before = text[max(0, first.start - 25) : first.start].split()
+            after = text[second.end : second.end + 12].split()
+            previous = before[-1].lower().strip(",;:") if before else ""
+            following = after[0].strip(",;:.!?।") if after else ""
+            if previous in NATIVE_BEFORE or previous.rstrip(".") in LATIN_CUES or following in NATIVE_AFTER:
+                return True
+            if w.script == "arabic" and _arabic_family_name(second.text):
+                return self.lists.zipf(w.script, second.text) < 3.5
+        return False
 
     def _is_name(self, text: str, words: list[_Word], i: int, embedded: bool) -> bool:
         w = words[i]
@@ -309,10 +399,14 @@ class ScriptNameFinder:
         before = text[max(0, w.start - 25) : w.start]
         after = text[w.end : w.end + 12]
         previous = before.split()[-1].lower().strip(",;:") if before.split() else ""
+        # "Thanks, X": a cue set off by a comma is weaker (it may end a clause: "शुक्रिया, प्रिंटर ...").
+        comma = before.rstrip().endswith(",")
         following = after.split()[0].strip(",;:.!?") if after.split() else ""
         zipf = lists.zipf(script, word)
         if script == "hangul":
             stem = _strip_particle(word)
+            if stem in KOREAN_TITLES:
+                return False  # "팀장님이": the title with its honorific, the name is the word before
             # Honorifics and the particles for people ("to", "by" someone) follow people, not things.
             if word[len(stem) :].startswith(("씨", "님", "에게", "한테", "께서")) and 2 <= len(stem) <= 4:
                 return lists.zipf(script, stem) < COMMON_ZIPF or word[len(stem) :].startswith(("씨", "님"))
@@ -325,18 +419,27 @@ class ScriptNameFinder:
                 return True
         if script == "cjk" and self._cjk_name_span(w) != (w.start, w.end):
             return True
-        if script == "cjk" and len(word) > 4:
+        cued = previous.rstrip(".") in LATIN_CUES or previous in NATIVE_BEFORE
+        # A Japanese name is often 5-6 characters in one run (family and given name unspaced: 岡田裕美子);
+        # a longer run, or one of 5-6 with neither a family name in front nor a cue word, is a phrase.
+        long_cjk = script == "cjk" and len(word) > 4
+        if long_cjk and not (len(word) <= 6 and (cued or self._starts_with_family_name(word))):
             return False
         if embedded:
             # In English chat a few words of another script are a person's name far more often than
             # anything else (names are 1-3 words; a quoted phrase is longer and gets no mask).
-            return not (script == "cjk" and len(word) > 6)
+            return True
+        if previous in POSSESSIVES:
+            words_before = before.split()
+            previous = words_before[-2].lower().strip(",;:") if len(words_before) >= 2 else previous
         strong = (
             previous in STRONG_BEFORE
             or previous.rstrip(".") in LATIN_CUES
             or any(following.startswith(cue) for cue in STRONG_AFTER)
         )
         cue = previous in NATIVE_BEFORE or following in NATIVE_AFTER
+        if script not in CASED and not cue and self._pair_with_cue(text, words, i):
+            return True
         if strong and zipf < 6.0:
             return True
         if script in CASED:
@@ -352,10 +455,12 @@ class ScriptNameFinder:
                 nxt = words[i + 1].text
                 if nxt[0].isupper() and zipf < 4.5 and lists.zipf(script, nxt) < 4.5:
                     return True  # two capitalised rare words in a row: given name and family name
+            if cue and not comma and zipf < CUED_MAX_ZIPF + 0.8:
+                return True  # a capitalised word after a role noun or thanks ("Инженер Олег ...")
             return (not sentence_start or cue) and zipf < COMMON_ZIPF
         if lists.is_name(script, word) and (zipf < COMMON_ZIPF or cue):
             return True
-        return cue and zipf < CUED_MAX_ZIPF
+        return cue and zipf < (COMMON_ZIPF if comma else CUED_MAX_ZIPF)
 
     def _cjk_name_span(self, w: _Word) -> Span:
         """In an unspaced CJK run, a name sits after a cue word ("我是", "联系") or before an honorific
@@ -366,12 +471,20 @@ class ScriptNameFinder:
             if at < 0 or at + len(cue) >= len(run) or self._inside_word(run, at, len(cue)):
                 continue
             start = at + len(cue)
+            if self.lists.zipf("cjk", run[start : start + 2]) >= COMMON_WORD_AFTER_CUE_ZIPF:
+                continue  # "联系我们", "谢谢文件": a common word follows the cue, not a name
             end = min(len(run), start + 3)
             for tail in CJK_AFTER + ("的", "说", "在", "了", "是", "吗", "处", "来", "去"):
                 found = run.find(tail, start + 1, start + 5)
                 if found > 0:
                     end = found
                     break
+            # Family name and a one- or two-character given name: stop before a common word (李娜批准).
+            if (
+                end - start > 2
+                and self.lists.zipf("cjk", run[start + 2 : start + 4]) >= COMMON_WORD_AFTER_CUE_ZIPF
+            ):
+                end = start + 2
             return (w.start + start, w.start + end)
         for cue in CJK_AFTER:
             at = run.find(cue)
@@ -400,6 +513,27 @@ class ScriptNameFinder:
                 ):
                     return True
         return False
+
+
+def _closes_name(w: _Word) -> bool:
+    """A Korean word with a particle or honorific at its end ("이서연님이") ends the name there."""
+    return w.script == "hangul" and _strip_particle(w.text) != w.text
+
+
+def _is_cue(word: str) -> bool:
+    """Cue words and honorifics are never part of the name beside them (इंजीनियर, 팀장님께)."""
+    lower = word.lower()
+    return (
+        lower in NATIVE_BEFORE
+        or lower in NATIVE_AFTER
+        or lower in STRONG_BEFORE
+        or any(lower.startswith(cue) for cue in STRONG_AFTER)
+    )
+
+
+def _arabic_family_name(word: str) -> bool:
+    """The nisba form of Arabic family names: the article, then an adjective in -ي (الأيوبي, الهاشمي)."""
+    return word.startswith("ال") and word.endswith("ي") and len(word) >= 5
 
 
 def _strip_particle(word: str) -> str:
