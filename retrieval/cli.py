@@ -84,6 +84,8 @@ def register(groups: Groups) -> None:
     p.add_argument("--folds", type=int, default=5)
     p.add_argument("--max-folds", type=int, default=None, help="stop after this many folds (quicker estimate)")
     p.add_argument("--method", choices=["adapter", "full"], default="adapter")
+    p.add_argument("--nested", action="store_true",
+                   help="choose the adapter's settings inside each training fold (inner 3-fold CV), not fixed")
     p.add_argument("--k", type=int, default=10)
     p.add_argument("--json", action="store_true")
 
@@ -330,17 +332,20 @@ def _eval(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _eval_cv(args: argparse.Namespace, settings: Settings) -> int:
-    from retrieval.evaluate import crossval
+    from retrieval.evaluate import adapter_grid, crossval
     from retrieval.tune import TuneConfig
 
     if not args.pairs.is_file():
         print(f"error: {args.pairs} not found (the dev data lives in ../shared/data)", file=sys.stderr)
         return 2
     config = TuneConfig(method=args.method)
+    if args.nested and args.method != "adapter":
+        print("error: --nested chooses adapter settings; use it with --method adapter", file=sys.stderr)
+        return 2
     try:
         result = crossval(settings=settings, pairs_path=args.pairs, question_field=args.question_field,
                           answer_field=args.answer_field, folds=args.folds, k=args.k, tune_config=config,
-                          max_folds=args.max_folds)
+                          max_folds=args.max_folds, grid=adapter_grid(config) if args.nested else None)
     except SupportbotError as err:
         return _fail(err)
     print(json.dumps(result if args.json else {"baseline": result.get("baseline_all"),

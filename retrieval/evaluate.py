@@ -16,8 +16,11 @@ import tempfile
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from core.db import Database, upgrade
 from core.errors import InputError
@@ -141,13 +144,18 @@ def read_pairs(path: Path, *, question_field: str, answer_field: str, id_field: 
 
 def crossval(*, settings: Settings, pairs_path: Path, question_field: str = "question",
              answer_field: str = "solution", folds: int = 5, k: int = 10, seed: int = 0,
-             tune_config: Any = None, max_folds: int | None = None, baseline: bool = True) -> dict[str, Any]:
+             tune_config: Any = None, max_folds: int | None = None, baseline: bool = True,
+             grid: list[Any] | None = None, inner_folds: int = 3) -> dict[str, Any]:
     """k-fold: tune on the other folds' pairs, evaluate the held-out fold's questions.
 
     The ticket corpus is every answer (as ``work_performed``; the question never enters a ticket),
     so each held-out question is searched among all answers, including the ones trained on.
+
+    With ``grid`` (adapter settings to choose from) the estimate is nested: inside each outer fold, the
+    setting is chosen by an inner ``inner_folds``-fold CV on that fold's training pairs alone
+    (``choose_config``), then trained on all of them; the held-out fold never takes part in the choice.
     """
-    from retrieval.tune import Pair, TuneConfig, fit
+    from retrieval.tune import Pair, TuneConfig, base_vectors, fit
 
     config = tune_config or TuneConfig()
     rows = read_pairs(pairs_path, question_field=question_field, answer_field=answer_field)
@@ -172,10 +180,15 @@ def crossval(*, settings: Settings, pairs_path: Path, question_field: str = "que
             queries_path = Path(tmp) / f"queries_{fold}.jsonl"
             _write_queries(queries_path, test)
             started = time.monotonic()
+            fold_config, inner = config, None
+            if grid:
+                base_vectors(base_dir, [t for r in rows for t in (r["q"], r["a"])], cache=cache,
+                             threads=settings.torch_threads)  # fmt: skip
+                fold_config, inner = choose_config(train_rows, grid, cache=cache, folds=inner_folds, seed=seed)
             model_dir = fit(
                 base_dir,
                 [Pair(query=r["q"], positive=r["a"], group=r["id"]) for r in train_rows],
-                config=config,
+                config=fold_config,
                 output=Path(tmp) / f"model_{fold}",
                 threads=settings.torch_threads,
                 cache=cache,
@@ -183,6 +196,9 @@ def crossval(*, settings: Settings, pairs_path: Path, question_field: str = "que
             train_s = time.monotonic() - started
             tuned = evaluate(settings=settings, tickets=tickets_path, queries=queries_path, k=k, model_dir=model_dir)
             tuned["train_s"] = round(train_s, 1)
+            if inner is not None:
+                tuned["chosen"] = {k: getattr(fold_config, k) for k in GRID_KEYS}
+                tuned["inner_recall@5"] = inner
             results["folds"].append(tuned)
     metrics = [key for key in results["folds"][0] if key.startswith(("recall@", "mrr"))]
     results["tuned_mean"] = {
@@ -190,6 +206,49 @@ def crossval(*, settings: Settings, pairs_path: Path, question_field: str = "que
     }
     results["tuned_mean"]["n"] = sum(f["n"] for f in results["folds"])
     return results
+
+
+GRID_KEYS = ("adapter_epochs", "adapter_identity_weight", "adapter_learning_rate")
+
+
+def adapter_grid(base: Any) -> list[Any]:
+    """The adapter settings nested CV chooses from: how long to train and how hard to hold to the identity."""
+    return [replace(base, adapter_epochs=epochs, adapter_identity_weight=pull)
+            for epochs in (10, 30, 60) for pull in (1e-2, 3e-2, 1e-1)]  # fmt: skip
+
+
+def choose_config(rows: list[dict[str, str]], grid: list[Any], *, cache: dict[str, Any], folds: int,
+                  seed: int) -> tuple[Any, float]:
+    """The grid entry with the best mean dense recall@5 over an inner k-fold of ``rows`` (and that recall).
+
+    Inner scoring ranks by the adapted cosine alone, among the answers of ``rows`` only: cheap enough for
+    a grid, and nothing outside ``rows`` is seen.
+    """
+    from retrieval.tune import Pair, learn_map
+
+    order = list(range(len(rows)))
+    random.Random(seed + 1).shuffle(order)
+    fold_of = {i: n % folds for n, i in enumerate(order)}
+    answers = np.stack([cache[r["a"]] for r in rows])
+    best: tuple[float, int] = (-1.0, 0)
+    for g, config in enumerate(grid):
+        recalls = []
+        for fold in range(folds):
+            train = [Pair(query=r["q"], positive=r["a"], group=r["id"]) for i, r in enumerate(rows) if fold_of[i] != fold]
+            test = [i for i in range(len(rows)) if fold_of[i] == fold]
+            weight = learn_map(train, config=config, cache=cache)
+            docs = _unit(answers @ weight)
+            queries = _unit(np.stack([cache[rows[i]["q"]] for i in test]) @ weight)
+            top = np.argsort(-(queries @ docs.T), axis=1)[:, :5]
+            recalls += [any(rows[j]["id"] == rows[i]["id"] for j in top[n]) for n, i in enumerate(test)]
+        recall = float(np.mean(recalls))
+        if recall > best[0]:
+            best = (recall, g)
+    return grid[best[1]], round(best[0], 4)
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
 def _write_queries(path: Path, rows: list[dict[str, str]]) -> None:

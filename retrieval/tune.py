@@ -120,18 +120,19 @@ def fit(base: Path, pairs: list[Pair], *, config: TuneConfig, output: Path, thre
     raise TrainingError(f"unknown tuning method {config.method!r}; use adapter or full")
 
 
-def train_adapter(base: Path, pairs: list[Pair], *, config: TuneConfig, output: Path, threads: int = 0,
-                  cache: dict[str, np.ndarray] | None = None) -> Path:
-    """Learn a linear map on top of the frozen model's embeddings; save base + map as one model."""
-    import torch
-    import torch.nn.functional as F
-    from sentence_transformers import SentenceTransformer, models
-
-    cache = {} if cache is None else cache
-    missing = list(dict.fromkeys(t for p in pairs for t in (p.query, p.positive) if t not in cache))
+def base_vectors(base: Path, texts: list[str], *, cache: dict[str, np.ndarray], threads: int = 0) -> None:
+    """Fill ``cache`` (text -> the frozen model's embedding) for the texts it lacks."""
+    missing = list(dict.fromkeys(t for t in texts if t not in cache))
     if missing:
         for text, vector in zip(missing, Embedder(base, torch_threads=threads).encode(missing), strict=True):
             cache[text] = vector
+
+
+def learn_map(pairs: list[Pair], *, config: TuneConfig, cache: dict[str, np.ndarray]) -> np.ndarray:
+    """The adapter: a linear map W (dim x dim) for ``normalize(embedding @ W)``, trained with the in-batch
+    loss and pulled towards the identity. Needs every text of ``pairs`` in ``cache`` (``base_vectors``)."""
+    import torch
+
     queries = torch.tensor(np.stack([cache[p.query] for p in pairs]))
     positives = torch.tensor(np.stack([cache[p.positive] for p in pairs]))
     groups = [p.group for p in pairs]
@@ -146,17 +147,30 @@ def train_adapter(base: Path, pairs: list[Pair], *, config: TuneConfig, output: 
             batch = order[start : start + config.adapter_batch_size]
             if len(batch) < 2:
                 continue
-            q = F.normalize(queries[batch] @ weight, dim=-1)
-            d = F.normalize(positives[batch] @ weight, dim=-1)
+            q = torch.nn.functional.normalize(queries[batch] @ weight, dim=-1)
+            d = torch.nn.functional.normalize(positives[batch] @ weight, dim=-1)
             loss = _mnrl(q @ d.T * config.scale, [groups[i] for i in batch.tolist()])
             loss = loss + config.adapter_identity_weight * ((weight - identity) ** 2).sum()
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
+    return weight.detach().numpy().copy()
+
+
+def train_adapter(base: Path, pairs: list[Pair], *, config: TuneConfig, output: Path, threads: int = 0,
+                  cache: dict[str, np.ndarray] | None = None) -> Path:
+    """Learn a linear map on top of the frozen model's embeddings; save base + map as one model."""
+    import torch
+    from sentence_transformers import SentenceTransformer, models
+
+    cache = {} if cache is None else cache
+    base_vectors(base, [t for p in pairs for t in (p.query, p.positive)], cache=cache, threads=threads)
+    weight = learn_map(pairs, config=config, cache=cache)
+    dim = weight.shape[0]
     base_model = SentenceTransformer(str(base), device="cpu", local_files_only=True)
     dense = models.Dense(dim, dim, bias=False, activation_function=torch.nn.Identity())
     with torch.no_grad():
-        dense.linear.weight.copy_(weight.detach().T)  # Dense computes x @ W.T
+        dense.linear.weight.copy_(torch.from_numpy(weight).T)  # Dense computes x @ W.T
     tuned = SentenceTransformer(modules=[*base_model, dense, models.Normalize()], device="cpu")
     output.mkdir(parents=True, exist_ok=True)
     tuned.save(str(output))

@@ -13,6 +13,7 @@ from sentence_transformers import SentenceTransformer
 from core.errors import TrainingError
 from retrieval.cli import SEED_FILE
 from retrieval.embedder import Embedder, active_pointer, embedded_model_dir, plain_layout, resolve_model_dir
+from retrieval.evaluate import crossval
 from retrieval.ingest import ingest_file
 from retrieval.search import TicketIndex
 from retrieval.tune import Pair, TuneConfig, pairs_from_store, split_pairs, train, tune
@@ -86,3 +87,19 @@ def test_full_fine_tune_changes_weights(tmp_path):
     before = Embedder(embedded_model_dir()).encode(["replaced fuser"])
     after = Embedder(out).encode(["replaced fuser"])
     assert not np.allclose(before, after)
+
+
+def test_nested_cv_chooses_adapter_settings_inside_the_training_folds(env, tmp_path):
+    settings, db = env
+    ingest_file(settings=settings, db=db, path=SEED_FILE)
+    pairs_file = tmp_path / "pairs.jsonl"
+    pairs_file.write_text(
+        "".join(json.dumps({"id": f"p{n}", "question": p.query, "solution": p.positive}) + "\n"
+                for n, p in enumerate(pairs_from_store(db=db)))  # fmt: skip
+    )
+    grid = [TuneConfig(adapter_epochs=1), TuneConfig(adapter_epochs=5)]
+    result = crossval(settings=settings, pairs_path=pairs_file, folds=2, max_folds=1, baseline=False,
+                      grid=grid, inner_folds=2)  # fmt: skip
+    (fold,) = result["folds"]
+    assert fold["chosen"]["adapter_epochs"] in (1, 5) and 0.0 <= fold["inner_recall@5"] <= 1.0
+    assert {"recall@5", "mrr"} <= set(result["tuned_mean"]) and result["tuned_mean"]["n"] == 21
