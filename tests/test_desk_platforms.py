@@ -351,11 +351,15 @@ def tg_push(fake: FakePlatforms, payload: dict, kind: str = "message") -> dict:
     return payload
 
 
+GROUP_CHAT = {"id": -100777, "type": "supergroup", "title": "Plant floor"}
+
+
 def bot_message(payload: dict) -> dict:
     """The message the bot sent with this sendMessage call, as a reply's reply_to_message carries it."""
     chat_id = int(payload["chat_id"])
+    chat = {TELEGRAM_DESK: DESK_CHAT, GROUP_CHAT["id"]: GROUP_CHAT}.get(chat_id) or tg_private(chat_id)
     return {"message_id": int(payload["_message_id"]), "date": int(time.time()), "from": BOT, "text": payload["text"],
-            "chat": DESK_CHAT if chat_id == TELEGRAM_DESK else tg_private(chat_id)}
+            "chat": chat}
 
 
 def markup(payload: dict) -> dict:
@@ -459,3 +463,43 @@ def test_telegram_desk_end_to_end(stack, tmp_path):
     tg_ask(fake, TELEGRAM_TECH, "Printer error E-502, paper jams")
 
     assert "proximity sensor" in exported_target(settings, tmp_path, TELEGRAM_QUESTION)
+
+
+def test_telegram_group_escalation_keeps_the_bot_out(stack):
+    """In a group: the employee's reply to the technician's relayed message goes to the desk (it is not
+    a new question), and a technician replying to the bot's answer there is not answered."""
+    settings, db, fake, _port, env = stack
+    employee = 503
+    question = tg_push(fake, tg_message(GROUP_CHAT, employee, f"@{TELEGRAM_BOT_NAME} The conveyor belt on line 5 "
+                                        "squeals loudly at start-up and slips under load."))
+
+    def answer_to(message_id: int):  # type: ignore[no-untyped-def]
+        def check(p: dict) -> bool:
+            parameters = p.get("reply_parameters")
+            parameters = json.loads(parameters) if isinstance(parameters, str) else parameters
+            return int(p["chat_id"]) == GROUP_CHAT["id"] and bool(parameters) and int(parameters["message_id"]) == message_id
+        return check
+
+    answer = fake.wait_for("sendMessage", timeout=300, where=lambda p: answer_to(question["message_id"])(p)
+                           and bool(markup(p)))[-1]
+    escalate = next(b["callback_data"] for row in markup(answer)["inline_keyboard"] for b in row
+                    if b["callback_data"].startswith("esc:"))
+    tg_press(fake, employee, escalate, bot_message(answer))
+    card = fake.wait_for("sendMessage", timeout=180, where=lambda p: int(p["chat_id"]) == TELEGRAM_DESK
+                         and "squeals" in p.get("text", "") and "claim:" in json.dumps(markup(p)))[0]
+    tg_push(fake, tg_message(DESK_CHAT, TELEGRAM_TECH, "Which belt tensioner model is fitted?",
+                             reply_to_message=bot_message(card)))
+    relayed = sent_to(fake, GROUP_CHAT["id"], "belt tensioner model", timeout=60)[0]
+    tg_push(fake, tg_message(GROUP_CHAT, employee, "It is the TX-40 tensioner.", reply_to_message=bot_message(relayed)))
+    assert sent_to(fake, TELEGRAM_DESK, "TX-40", timeout=180)
+    watching = tg_push(fake, tg_message(GROUP_CHAT, TELEGRAM_TECH, "I am on my way with a new belt.",
+                                        reply_to_message=bot_message(answer)))
+    time.sleep(3.0)
+    assert not [p for p in fake.posted("sendMessage") if answer_to(watching["message_id"])(p)]
+    with db.session() as session:
+        assert session.query(Message).filter(
+            Message.idempotency_key == f"telegram:{GROUP_CHAT['id']}:{watching['message_id']}").count() == 0
+        for extra in session.query(Message).filter(Message.role == MessageRole.user, Message.idempotency_key.like(
+                f"telegram:{GROUP_CHAT['id']}:%")).all():
+            assert answer_for(session=session, message_id=extra.id) is None or extra.idempotency_key.endswith(
+                f":{question['message_id']}")

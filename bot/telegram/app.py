@@ -95,9 +95,14 @@ def build_application(*, settings: Settings, intake: Intake):  # type: ignore[no
         return asyncio.to_thread(run)
 
     def answer_conversation(session, chat_id: int, bot_message_id: int) -> Conversation | None:  # type: ignore[no-untyped-def]
-        found = messages_with_ref(session=session, platform=PLATFORM, channel=str(chat_id), ref=str(bot_message_id),
-                                  key="sent_refs", role=MessageRole.assistant)
-        return found[0].conversation if found else None
+        # A technician's message the bot relayed continues its conversation too (issue 12): a reply to
+        # it is the employee's answer to the technician, not a new question.
+        for role in (MessageRole.assistant, MessageRole.technician):
+            found = messages_with_ref(session=session, platform=PLATFORM, channel=str(chat_id),
+                                      ref=str(bot_message_id), key="sent_refs", role=role)
+            if found:
+                return found[0].conversation
+        return None
 
     def replied_bot_message(message, bot_id: int) -> int | None:  # type: ignore[no-untyped-def]
         original = message.reply_to_message
@@ -157,6 +162,10 @@ def build_application(*, settings: Settings, intake: Intake):  # type: ignore[no
                 await message.reply_text(texts.NOT_TEXT, do_quote=True)
             return  # service messages (joins, pins) have neither text nor media
         thread = await sql(lambda s: choose_thread(s, message, bot.id))
+        if message.chat.type != "private" and await sql(
+            lambda s: technician_in_escalation(s, str(message.chat_id), thread, str(message.from_user.id))
+        ):
+            return  # a technician writing in an employee's escalated conversation: not a question
         inbound = Inbound(
             platform=PLATFORM,
             channel=str(message.chat_id),
@@ -296,13 +305,30 @@ def build_application(*, settings: Settings, intake: Intake):  # type: ignore[no
         authorize(session=session, actor=f"{PLATFORM}:{user}", action=name, settings=settings,
                   detail=f"{action} escalation #{escalation_id}")
 
+    def technician_in_escalation(session, chat: str, thread: str, user: str) -> bool:  # type: ignore[no-untyped-def]
+        escalation = desk.escalated_in_thread(session=session, platform=PLATFORM, channel=chat, thread=thread)
+        if escalation is None:
+            return False
+        sender = get_or_create_user(session=session, platform=PLATFORM, external_id=user)
+        return sender.id != desk.escalation_conversation(escalation).user_id and desk.is_technician(
+            session=session, settings=settings, user_id=sender.id)
+
+    def remember_sent(session, message_id: int, ref: str) -> None:  # type: ignore[no-untyped-def]
+        from core.schema import Message
+
+        row = session.get(Message, message_id)
+        if row is not None:
+            row.meta = {**(row.meta or {}), "sent_refs": [*(row.meta or {}).get("sent_refs", []), ref]}
+
     async def to_employee(bot, posts) -> None:  # type: ignore[no-untyped-def]
         for item in posts:
             thread = platform_thread(item.thread or "")
-            await bot.send_message(
+            sent = await bot.send_message(
                 chat_id=int(item.channel), text=item.text, message_thread_id=render.topic_of(thread),
                 reply_parameters=ReplyParameters(int(thread), allow_sending_without_reply=True) if thread.isdigit() else None,
             )
+            if item.message_id is not None:  # a reply to the relayed message continues the conversation
+                await sql(lambda s, row=item.message_id, ref=str(sent.message_id): remember_sent(s, row, ref))
 
     async def show_card(bot, escalation_id: int) -> None:  # type: ignore[no-untyped-def]
         def read(session):  # type: ignore[no-untyped-def]
