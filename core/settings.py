@@ -92,7 +92,7 @@ class Settings(BaseSettings):
     )
     privacy_name_model_enabled: bool = Field(True, description="Use the learned name model beside the rules")
     privacy_name_model_int8: bool = Field(
-        True, description="Run the name model in dynamic int8 (faster on CPU); false runs it in fp32"
+        False, description="Run the name model in dynamic int8 (faster on CPU; its threshold must be CV'd in int8)"
     )
 
     # Platforms

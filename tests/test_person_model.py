@@ -100,13 +100,53 @@ def test_trainer_runs_end_to_end_and_the_engine_loads_its_output(tmp_path: Path)
     negatives.write_text('{"question": "the vpn drops every hour"}\n{"question": "odd row, never read"}\n')
     done = subprocess.run(
         [sys.executable, "-m", "bot.privacy.train_names", str(FIXTURES / "names_train.conll"),
-         "--negatives", str(negatives), "--folds", "2", "--copies", "1", "--max-steps", "2", "--out", str(out)],
+         "--negatives", str(negatives), "--folds", "2", "--copies", "1", "--max-steps", "2", "--out", str(out),
+         "--compare-fp32"],
         cwd=ROOT, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
     assert "CV, rules alone" in done.stderr and "probe_recall" in done.stderr
+    assert "int8 against fp32" in done.stderr
     model = load_person_model(out)
     assert 1 <= model.info["steps"] <= 2 and model.info["cv"]["folds"] == 2  # --max-steps caps it
+    # The folds were scored the way the model ships (int8), and what fp32 would have done is kept beside.
+    assert model.info["cv"]["scored_in"] == "int8"
+    assert 0.0 <= model.info["cv"]["rows_with_same_masks_int8_fp32"] <= 1.0
     trained = Anonymizer(PrivacyConfig(name_model_path=out))
     assert trained.engine.name_finder.encoder is not None
     assert "<PERSON_1>" in trained.anonymize("ask emma about it").text  # the rules still run
+
+
+@pytest.mark.slow
+def test_int8_is_a_setting_and_keeps_the_ranking() -> None:
+    from bot.privacy.encoder import TokenEncoder
+    from core.settings import Settings
+
+    assert PrivacyConfig.from_settings(Settings(privacy_name_model_int8=True)).name_model_int8 is True
+    assert PrivacyConfig.from_settings(Settings(privacy_name_model_int8=False)).name_model_int8 is False
+    model = load_person_model()
+    int8, fp32 = TokenEncoder(model, int8=True), TokenEncoder(model)
+    assert int8.int8 and not fp32.int8
+    text = "ask okonkwo about the printer"
+    for encoder in (int8, fp32):
+        probs, covered = encoder.vectors(text, [(4, 11), (22, 29)])  # "okonkwo", "printer"
+        assert covered.all() and probs[0, 0] > 2 * probs[1, 0]
+    # Each precision gets its own engine: the anonymizer caches must not hand one the other's.
+    assert (
+        Anonymizer(PrivacyConfig(name_model_int8=False)).engine
+        is not Anonymizer(PrivacyConfig(name_model_int8=True)).engine
+    )
+
+
+def test_relabel_writes_a_cv_threshold_into_a_trained_model(tmp_path: Path) -> None:
+    from bot.privacy.train_names import main as train_names
+
+    cv = tmp_path / "cv.json"
+    cv.write_text('{"folds": 2, "threshold": 0.3, "curve": {"0.3": {}}, "at_threshold": {"recall": 0.9}}')
+    out = tmp_path / "relabelled.safetensors"
+    shipped = load_person_model()
+    assert train_names(["unused.conll", "--relabel", str(ROOT / "bot/privacy/person_model.safetensors"),
+                        "--cv-from", str(cv), "--out", str(out)]) == 0  # fmt: skip
+    model = load_person_model(out)
+    assert model.threshold == 0.3 and model.info["cv"] == {"folds": 2, "threshold": 0.3, "at_threshold": {"recall": 0.9}}
+    assert model.base == shipped.base and all(np.array_equal(model.tensors[k], v) for k, v in shipped.tensors.items())

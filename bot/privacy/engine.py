@@ -117,7 +117,9 @@ class DetectionEngine:
                 from bot.privacy.encoder import shared_encoder
 
                 # Raises PrivacyError when the model was trained on another base encoder.
-                self.name_finder.encoder = shared_encoder(self.name_finder.model)
+                self.name_finder.encoder = shared_encoder(
+                    self.name_finder.model, int8=self.config.name_model_int8
+                )
         except PrivacyError:
             raise
         except Exception as err:  # noqa: BLE001 - any failure to build means no anonymization at all

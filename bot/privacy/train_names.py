@@ -3,7 +3,9 @@
     python -m bot.privacy.train_names ../shared/data/pii/wnut17/wnut17train.conll \\
         --negatives ../shared/data/tickets/dellqa_dev.jsonl --out bot/privacy/person_model.safetensors
 
-(or in two processes: ``--cv-only --cv-out cv.json``, then ``--folds 0 --cv-from cv.json --out ...``).
+(or in two processes: ``--cv-only --cv-out cv.json``, then ``--folds 0 --cv-from cv.json --out ...``;
+or ``--relabel bot/privacy/person_model.safetensors --cv-from cv.json`` to write a CV's threshold into
+the model already trained with the same recipe, without training it again).
 
 What it learns from:
 - every WNUT-17 train row (person spans as labels on every sub-word they cover);
@@ -295,12 +297,17 @@ def fine_tune(
     return PersonModel(tagger.trained_tensors(skip_layers=FROZEN_LAYERS), 0.5, fingerprint(bert), info)
 
 
-def score(finder: NameFinder, sentences: list[Sentence]) -> dict[str, float]:
+def score(
+    finder: NameFinder, sentences: list[Sentence], masks: list[list[tuple[int, int]]] | None = None
+) -> dict[str, float]:
     """Covered recall of gold names (handles count: the handle recognizer masks them), on WNUT rows and on
-    probes, and the share of negative rows (support text) with any name mask."""
+    probes, and the share of negative rows (support text) with any name mask. ``masks`` collects each
+    row's name spans (to compare two inference paths)."""
     counts = {"recall": [0, 0], "probe_recall": [0, 0], "negative_rows_masked": [0, 0]}
     for sentence in sentences:
         spans = [(s.start, s.end) for s in finder.find(sentence.doc, sentence.text)]
+        if masks is not None:
+            masks.append(spans)
         spans += [m.span(1) for m in structured.HANDLE.finditer(sentence.text)]
         masked = {i for s, e in spans for i in range(s, e)}
         key = "probe_recall" if sentence.probe else "recall"
@@ -325,28 +332,71 @@ def cross_validate(
     lower: LowerStates,
     folds: int,
     train_args: dict[str, Any],
-) -> tuple[dict[str, float], dict[float, dict[str, float]]]:
-    """Rules alone and rules + model per threshold, pooled over folds (one model per fold)."""
+    int8: bool = True,
+    compare_fp32: bool = False,
+) -> tuple[dict[str, float], dict[float, dict[str, float]], dict[str, Any]]:
+    """Rules alone and rules + model per threshold, pooled over folds (one model per fold).
+
+    ``int8``: each fold's model is scored the way it ships (``encoder.quantize``), so the threshold
+    fits the probabilities the shipped path computes. ``compare_fp32`` (with ``int8``): the same fold
+    models are also scored in fp32, and the third value holds that curve and, per threshold, the share
+    of held-out rows whose name masks are identical in both (what int8 changes, on training data only)."""
     from bot.privacy.encoder import TokenEncoder
 
     fold_of = folds_of(sentences, folds)
     tested_rows = [s for s in sentences if not s.copy]
     rules = NameFinder(engine.gazetteer, engine.config.allow_terms)
     alone = score(rules, tested_rows)
+    compare = compare_fp32 and int8
     hits: dict[float, list[tuple[dict[str, float], int]]] = {t: [] for t in THRESHOLDS}
+    hits32: dict[float, list[tuple[dict[str, float], int]]] = {t: [] for t in THRESHOLDS}
+    same: dict[float, list[int]] = {t: [0, 0] for t in THRESHOLDS}
     for fold in range(folds):
         started = time.time()
         model = fine_tune([s for s in sentences if fold_of[s.group] != fold], lower, **train_args)
-        encoder = TokenEncoder(model, cache_size=100_000)
+        encoder = TokenEncoder(model, cache_size=100_000, int8=int8)
+        encoder32 = TokenEncoder(model, cache_size=100_000) if compare else None
         test = [s for s in tested_rows if fold_of[s.group] == fold]
         for t in THRESHOLDS:
-            finder = NameFinder(engine.gazetteer, engine.config.allow_terms, model.with_threshold(t), encoder)
-            hits[t].append((score(finder, test), len(test)))
+            allow = engine.config.allow_terms
+            masks: list[list[tuple[int, int]]] = []
+            finder = NameFinder(engine.gazetteer, allow, model.with_threshold(t), encoder)
+            hits[t].append((score(finder, test, masks), len(test)))
+            if encoder32 is not None:
+                masks32: list[list[tuple[int, int]]] = []
+                finder32 = NameFinder(engine.gazetteer, allow, model.with_threshold(t), encoder32)
+                hits32[t].append((score(finder32, test, masks32), len(test)))
+                same[t][0] += sum(a == b for a, b in zip(masks, masks32))
+                same[t][1] += len(test)
         row = hits[0.5][-1][0]
         print(f"fold {fold}: {time.time() - started:.0f}s, at 0.5: {row}", file=sys.stderr)
+
     # Folds are near equal in size: the mean over folds stands for the pooled share.
-    curve = {t: {k: sum(r[k] for r, _ in rows) / len(rows) for k in rows[0][0]} for t, rows in hits.items()}
-    return alone, curve
+    def pooled(table: dict[float, list[tuple[dict[str, float], int]]]) -> dict[float, dict[str, float]]:
+        return {
+            t: {k: sum(r[k] for r, _ in rows) / len(rows) for k in rows[0][0]} for t, rows in table.items()
+        }
+
+    extra: dict[str, Any] = {}
+    if compare:
+        extra["fp32_curve"] = pooled(hits32)
+        extra["rows_with_same_masks"] = {t: n / max(1, total) for t, (n, total) in same.items()}
+    return alone, pooled(hits), extra
+
+
+def relabel(model_path: Path, cv_path: Path | None, out: Path, parser: argparse.ArgumentParser) -> int:
+    """The threshold a CV run chose, written into an already trained model (same recipe, no retraining)."""
+    from bot.privacy.person_model import load_person_model
+
+    if cv_path is None:
+        parser.error("--relabel needs --cv-from")
+    cv = json.loads(cv_path.read_text(encoding="utf-8"))
+    model = load_person_model(model_path)
+    summary = {k: v for k, v in cv.items() if not k.endswith("curve")}
+    info = {k: v for k, v in model.info.items() if k != "threshold_note"}
+    PersonModel(model.tensors, float(cv["threshold"]), model.base, {**info, "cv": summary}).save(out)
+    print(f"threshold {cv['threshold']} written into {out}", file=sys.stderr)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -367,6 +417,16 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument(
+        "--fp32",
+        action="store_true",
+        help="score the CV folds in fp32 (default: int8, as privacy_name_model_int8 ships)",
+    )
+    parser.add_argument(
+        "--compare-fp32",
+        action="store_true",
+        help="also score the CV folds in fp32 and report how many held-out rows int8 masks differently",
+    )
+    parser.add_argument(
         "--cv-only", action="store_true", help="print the CV curve and threshold, train nothing else"
     )
     parser.add_argument(
@@ -379,12 +439,21 @@ def main(argv: list[str] | None = None) -> int:
         help="take threshold and CV summary from a --cv-out file (no CV here)",
     )
     parser.add_argument(
+        "--relabel",
+        type=Path,
+        default=None,
+        help="write the threshold and CV summary of --cv-from into this trained model file (to --out, "
+        "default the same file) without training: the CV recipe is the one the model was trained with",
+    )
+    parser.add_argument(
         "--max-extra-masked",
         type=float,
         default=0.02,
         help="share of support-text rows the model may newly mask (cross-validated) when picking the threshold",
     )
     args = parser.parse_args(argv)
+    if args.relabel is not None:
+        return relabel(args.relabel, args.cv_from, args.out or args.relabel, parser)
 
     import torch
 
@@ -405,7 +474,15 @@ def main(argv: list[str] | None = None) -> int:
     threshold = args.threshold
     cv: dict[str, Any] = {}
     if args.folds >= 2:
-        alone, curve = cross_validate(engine, sentences, lower, args.folds, train_args)
+        alone, curve, extra = cross_validate(
+            engine,
+            sentences,
+            lower,
+            args.folds,
+            train_args,
+            int8=not args.fp32,
+            compare_fp32=args.compare_fp32,
+        )
         print(f"CV, rules alone: {alone}", file=sys.stderr)
         for t, row in curve.items():
             print(f"CV, threshold {t}: " + ", ".join(f"{k} {v:.4f}" for k, v in row.items()), file=sys.stderr)
@@ -413,7 +490,19 @@ def main(argv: list[str] | None = None) -> int:
         within = [t for t, row in curve.items() if row["negative_rows_masked"] <= budget]
         chosen = min(within) if within else max(THRESHOLDS)
         cv = {"folds": args.folds, "rules_alone": alone, "at_threshold": curve[chosen], "threshold": chosen}
+        cv["scored_in"] = "fp32" if args.fp32 else "int8"
+        cv["rule"] = f"lowest threshold whose support rows masked <= rules alone + {args.max_extra_masked}"
         cv["curve"] = {str(t): row for t, row in curve.items()}
+        if extra:
+            cv["fp32_at_threshold"] = extra["fp32_curve"][chosen]
+            cv["rows_with_same_masks_int8_fp32"] = extra["rows_with_same_masks"][chosen]
+            cv["fp32_curve"] = {str(t): row for t, row in extra["fp32_curve"].items()}
+            cv["rows_with_same_masks_curve"] = {str(t): v for t, v in extra["rows_with_same_masks"].items()}
+            print(
+                f"CV, int8 against fp32 at {chosen}: {extra['fp32_curve'][chosen]}, rows with the same "
+                f"masks {extra['rows_with_same_masks'][chosen]:.4f}",
+                file=sys.stderr,
+            )
         threshold = chosen if threshold is None else threshold
         if args.cv_out is not None:
             args.cv_out.write_text(json.dumps(cv, indent=1) + "\n", encoding="utf-8")
@@ -426,7 +515,7 @@ def main(argv: list[str] | None = None) -> int:
     if threshold is None:
         parser.error("without cross-validation (--folds 0), give --threshold or --cv-from")
     model = fine_tune(sentences, lower, **train_args)
-    summary = {k: v for k, v in cv.items() if k != "curve"}
+    summary = {k: v for k, v in cv.items() if not k.endswith("curve")}
     model = PersonModel(model.tensors, threshold, model.base, {**model.info, "cv": summary})
     print(f"threshold {threshold}; {time.time() - started:.0f}s in all", file=sys.stderr)
     if args.out is not None:
