@@ -114,10 +114,10 @@ class TokenTagger:
 def quantize(bert: Any) -> None:
     """Dynamic int8 for the transformer's linear layers (weights int8, activations quantized per call).
 
-    The linear layers are about half the time of an anonymize call on a CPU; int8 cuts the encoder's share
-    by about 40 % (``bench/privacy_latency.py``). The name decisions it changes were measured on training
-    rows only (``bench/privacy_latency.py --agreement``), and the threshold is chosen by cross-validation
-    through this same path (``train_names``). The head stays fp32: one unit, nothing to gain."""
+    The linear layers are most of the encoder's time on a CPU; ``bench/privacy_latency.py`` measures
+    int8 against fp32 in one run, with the share of training messages whose masks stay the same. It
+    moves the name probabilities, so the threshold must be chosen by cross-validation through this same
+    path (``train_names`` scores its folds in int8 unless ``--fp32``). The head stays fp32: one unit."""
     import warnings
 
     import torch
