@@ -494,7 +494,11 @@ def test_telegram_group_escalation_keeps_the_bot_out(stack):
     assert sent_to(fake, TELEGRAM_DESK, "TX-40", timeout=180)
     watching = tg_push(fake, tg_message(GROUP_CHAT, TELEGRAM_TECH, "I am on my way with a new belt.",
                                         reply_to_message=bot_message(answer)))
-    time.sleep(3.0)
+    # /resolve as a reply to the card: the employee is told in their group thread.
+    tg_push(fake, tg_message(DESK_CHAT, TELEGRAM_TECH, "/resolve Replaced the TX-40 tensioner spring and the belt.",
+                             reply_to_message=bot_message(card)))
+    told = sent_to(fake, GROUP_CHAT["id"], "resolved escalation", timeout=300)[0]
+    assert "TX-40 tensioner spring" in told["text"]
     assert not [p for p in fake.posted("sendMessage") if answer_to(watching["message_id"])(p)]
     with db.session() as session:
         assert session.query(Message).filter(
