@@ -127,7 +127,6 @@ DESK_RESOLVE_PROMPT = (
 )
 DESK_RESOLVE_USAGE = "Reply /resolve <what fixed it> to an escalation's message on the desk."
 DESK_RESOLVING = "Resolving escalation #{id}…"
-DESK_NOT_IN_ESCALATION = "This message is not part of an escalation: reply to an escalation's message on the desk."
 
 # Admins in chat (model/retrain.py, bot/slack/admin.py, bot/telegram/admin.py): retrain, promote, roll back.
 ADMIN_HELP = (
