@@ -6,8 +6,6 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Callable
-from concurrent.futures import Future
 
 from core import texts
 from core.conversations import answer_for, history, store_reply
@@ -30,13 +28,6 @@ def prompt_tickets(result: SearchResult, min_confidence: float) -> list[TicketHi
     return [h for h in result.hits if h.score >= min_confidence] or list(result.hits[:1])
 
 
-def _load_into(future: Future, load: Callable[..., object], **kwargs: object) -> None:
-    try:
-        future.set_result(load(**kwargs))
-    except BaseException as err:  # the waiting __init__ raises it
-        future.set_exception(err)
-
-
 class Answerer:
     def __init__(self, *, settings: Settings, db: Database) -> None:
         from model.runtime import LanguageModel
@@ -46,18 +37,13 @@ class Answerer:
         started = time.monotonic()
         self.settings = settings
         self.db = db
-        # The index (embedder, FAISS, BM25) loads on its own thread while the batcher's thread loads the
-        # language model: both spend most of it reading files and building tensors, so on two cores the
-        # worker is ready after the slower of the two, not their sum (``python -m bench.cold_start``).
-        # Afterwards all torch work of the process runs on the batcher's thread (see workers/batching.py).
-        index_loading: Future[TicketIndex] = Future()
-        threading.Thread(
-            target=_load_into, args=(index_loading, TicketIndex.open), kwargs={"settings": settings, "db": db},
-            daemon=True, name="index-load",
-        ).start()  # fmt: skip
+        # All torch work of the process runs on the batcher's thread (see workers/batching.py). The index
+        # is not loaded beside the model on another thread: from_pretrained builds modules under a
+        # process-wide meta-device patch, and a second load at the same time got meta tensors
+        # ("Cannot copy out of meta tensor"); without sentence-transformers' import it takes ~0.2 s anyway.
         self.batcher = Batcher(load=lambda: LanguageModel(settings), max_batch=settings.batch_max)
         self.model = self.batcher.loaded()
-        self.index = index_loading.result()
+        self.index = self.batcher.call(TicketIndex.open, settings=settings, db=db)
         # Embedding forward passes (also those of a repair) go to the torch thread from any thread.
         self.index.embedder.runner = self.batcher.call
         self._adapter_checked = 0.0
