@@ -39,6 +39,8 @@ ACTIONS: dict[str, Role] = {
     "models.view": Role.admin,  # the model registry and training status in chat
     "console.view": Role.admin,  # the web console's quality, conversation, training and model pages
     "escalations.view": Role.technician,
+    "escalations.claim": Role.technician,  # the desk's Claim button / `supportbot escalations claim`
+    "escalations.resolve": Role.technician,  # the desk's Resolve button, modal and /resolve
     "tickets.search": Role.technician,
     "tickets.release": Role.admin,
     "tickets.delete": Role.admin,

@@ -143,3 +143,27 @@ def test_cli_rollback_and_promote_are_audited(settings, db: Database, monkeypatc
         ("models.rollback", "allowed", "admin"),
         ("models.promote", "allowed", "admin"),
     ]
+
+
+def test_desk_claim_and_resolve_are_their_own_actions_for_technicians_and_admins(settings, db: Database) -> None:
+    settings = settings.model_copy(update={"technicians": ["slack:UT"], "admins": ["telegram:7"]})
+    with db.session() as s:
+        for action in ("escalations.claim", "escalations.resolve"):
+            assert authorize(session=s, actor="slack:UT", action=action, settings=settings) == Role.technician
+            assert authorize(session=s, actor="telegram:7", action=action, settings=settings) == Role.admin
+    for action, verb in (("escalations.claim", "claim"), ("escalations.resolve", "resolve")):
+        with pytest.raises(PermissionDenied) as refused, db.session() as s:
+            authorize(session=s, actor="slack:UE", action=action, settings=settings, detail=f"{verb} escalation #3")
+        assert f"slack:UE may not escalations.{verb}" in str(refused.value)
+        assert "technician role" in str(refused.value) and "employee" in str(refused.value)
+    with db.session() as s:
+        rows = s.scalars(select(AuditEntry).order_by(AuditEntry.id)).all()
+    assert [(r.actor, r.action, r.result) for r in rows] == [
+        ("slack:UT", "escalations.claim", "allowed"),
+        ("telegram:7", "escalations.claim", "allowed"),
+        ("slack:UT", "escalations.resolve", "allowed"),
+        ("telegram:7", "escalations.resolve", "allowed"),
+        ("slack:UE", "escalations.claim", "denied"),
+        ("slack:UE", "escalations.resolve", "denied"),
+    ]
+    assert rows[-1].detail == "resolve escalation #3"
