@@ -10,13 +10,13 @@ import uuid
 from core import texts
 from core.conversations import answer_for, history, store_reply
 from core.db import Database
-from core.desk import desk_takes
+from core.desk import desk_takes, is_technician
 from core.errors import GenerationTimeout, SupportbotError
 from core.schema import Message, MessageRole, MessageStatus, ModelStatus, ModelVersion
 from core.settings import Settings
 from core.types import SearchResult, TicketHit
 from model.prompt import Turn, build_messages, estimate_hours
-from workers.compose import Composed, compose
+from workers.compose import Composed, compose, for_technician
 from workers.observability import COMPOSITION
 
 log = logging.getLogger(__name__)
@@ -89,6 +89,10 @@ class Answerer:
                 # An open escalation (or a technician's reply in one): relayed to the desk, never answered.
                 log.info("message %s relayed to the desk, not answered", message_id)
                 return None
+            # A technician asking the bot themselves (a DM, a mention: never in an escalation, desk_takes
+            # took those) troubleshoots too and gets every matching ticket with its repair and hours.
+            technician = is_technician(session=session, settings=self.settings,
+                                       user_id=question.user_id or question.conversation.user_id)
             question.status = MessageStatus.answering
             question.attempts = (question.attempts or 0) + 1
             turns = [
@@ -113,6 +117,10 @@ class Answerer:
             self.index.refresh()
             result = self.batcher.call(self.index.search, query, k=self.settings.retrieval_k)
             composed, hits, hours = self._write(query, turns, result)
+            if technician:
+                composed = for_technician(composed, result.hits, question=query,
+                                          user_texts=[t.content for t in turns if t.role == "user"],
+                                          trusted_domains=self.settings.trusted_domains)
             reply = composed.text
             if truncated:
                 reply = texts.TRUNCATED_NOTE.format(limit=self.settings.max_message_chars) + "\n\n" + reply

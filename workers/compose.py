@@ -186,3 +186,47 @@ def compose(
     if checked.flagged:
         notes.append("removed: " + ", ".join(sorted(set(checked.removed))))
     return Composed(text=checked.text, fallback=bool(hits) and not model_text, flagged=checked.flagged, notes=notes)
+
+
+def _clip(text: str) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= MAX_FIX_CHARS else text[: MAX_FIX_CHARS - 1].rstrip() + "…"
+
+
+def ticket_list(hits: Sequence[TicketHit]) -> str:
+    """Every matching ticket as a technician troubleshooting wants it: problem, machine, hours, what was
+    found and the repair. Ticket text is untrusted: the caller passes it through ``check_answer``."""
+    rows = [texts.TECHNICIAN_TICKETS.format(count=len(hits))]
+    for hit in hits:
+        took = f", {hit.hours:g} h" if hit.hours is not None else f", {texts.TECHNICIAN_NO_HOURS}"
+        rows.append(texts.TECHNICIAN_TICKET.format(
+            id=hit.id, title=_clip(hit.title) or "-", machine=f" ({_clip(hit.machine)})" if hit.machine else "",
+            took=took, found=_clip(hit.condition) or "-", fix=_clip(hit.work_performed) or "-",
+        ))  # fmt: skip
+    return "\n".join(rows)
+
+
+def for_technician(
+    composed: Composed,
+    hits: Sequence[TicketHit],
+    *,
+    question: str = "",
+    user_texts: Iterable[str] = (),
+    trusted_domains: Iterable[str] = (),
+) -> Composed:
+    """The answer a technician gets when they ask the bot themselves: the employee's answer, then all
+    matching tickets with their repairs and hours, checked like the employee answer (no address, link or
+    number the tickets carry that the asker did not write or a trusted domain does not own)."""
+    if not hits:
+        return composed
+    checked = check_answer(
+        composed.text + "\n\n" + ticket_list(hits),
+        user_texts=[question, *user_texts],
+        trusted_domains=trusted_domains,
+        keep=[h.id for h in hits],
+    )
+    notes = [*composed.notes, f"technician view: {len(hits)} tickets"]
+    if checked.flagged:
+        notes.append("removed: " + ", ".join(sorted(set(checked.removed))))
+    return Composed(text=checked.text, fallback=composed.fallback, flagged=composed.flagged or checked.flagged,
+                    notes=notes)  # fmt: skip
