@@ -91,8 +91,24 @@ def active_escalation(*, session: Session, conversation_id: int) -> Escalation |
 
 
 def is_open(*, session: Session, conversation_id: int) -> bool:
-    """True while the conversation is with the technicians: the bot must not answer in it."""
-    return active_escalation(session=session, conversation_id=conversation_id) is not None
+    """True while the bot must not answer in the conversation: it is with the technicians, or it sits in
+    a platform thread where someone else's conversation is (a colleague writing in an employee's
+    escalated Slack thread has a conversation of their own beside it)."""
+    if active_escalation(session=session, conversation_id=conversation_id) is not None:
+        return True
+    return escalated_beside(session=session, conversation_id=conversation_id) is not None
+
+
+def escalated_beside(*, session: Session, conversation_id: int) -> Escalation | None:
+    """The active escalation of another person's conversation in the same platform thread, if any."""
+    from core.conversations import platform_thread
+
+    conversation = session.get(Conversation, conversation_id)
+    if conversation is None:
+        return None
+    nearby = escalated_in_thread(session=session, platform=conversation.platform, channel=conversation.channel,
+                                 thread=platform_thread(conversation.thread))
+    return nearby if nearby is not None and nearby.conversation_id != conversation_id else None
 
 
 def conversation_at(*, session: Session, platform: str, channel: str, thread: str) -> Conversation | None:
@@ -337,14 +353,30 @@ def desk_takes(*, session: Session, settings: Settings, message: Message) -> boo
 
     - its conversation has an open or claimed escalation: the message is relayed to the desk;
     - a technician wrote it in someone else's conversation that was escalated: it is their reply, not
-      a question (their own DMs and mentions are answered as usual)."""
+      a question (their own DMs and mentions are answered as usual);
+    - anyone else wrote it in a platform thread where another person's conversation is escalated (a
+      colleague in an employee's Slack thread gets a conversation of their own there): the bot stays out
+      of the thread, and the text reaches the desk, marked as from another employee."""
     relayed = relay_stored(session=session, message_id=message.id)
     if relayed is not None:
         _emit_after_commit(session, relayed)  # the worker's sink posts it to the desk thread
         return True
-    if message.user_id is None or not is_technician(session=session, settings=settings, user_id=message.user_id):
-        return False
     conversation = session.get(Conversation, message.conversation_id)
+    technician = message.user_id is not None and is_technician(session=session, settings=settings,
+                                                                user_id=message.user_id)
+    if conversation is not None and not technician:
+        nearby = escalated_beside(session=session, conversation_id=conversation.id)
+        if nearby is not None:
+            message.status = MessageStatus.answered
+            message.meta = {**(message.meta or {}), "relayed_to_desk": True, "escalation_id": nearby.id,
+                            "other_employee": True}
+            _touch(nearby)
+            session.flush()
+            _emit_after_commit(session, _desk_post(
+                nearby, texts.DESK_FROM_OTHER_EMPLOYEE.format(id=nearby.id, text=message.text), message.id))
+            return True
+    if not technician:
+        return False
     escalated = session.scalar(
         select(Escalation.id).where(Escalation.conversation_id == message.conversation_id).limit(1)
     )

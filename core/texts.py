@@ -14,6 +14,10 @@ POSSIBLY_RELATED = "Possibly related: {tickets}."
 SOURCES = "Sources: {ids}"
 FIXED_BEFORE = "What fixed this before: {fix} ({id}{took})"
 FIX_TIME = "Estimated fix time: about {hours:g} h"
+# A technician asking the bot themselves gets every matching ticket, not only the composed answer.
+TECHNICIAN_TICKETS = "All matching tickets ({count}), best first:"
+TECHNICIAN_TICKET = "[{id}] {title}{machine}{took}\n  Found: {found}\n  Repair: {fix}"
+TECHNICIAN_NO_HOURS = "time not recorded"
 DELAYED = "Sorry, this is taking longer than usual. I'm still on it."
 FAILED = "Sorry, I couldn't answer this one (reference {ref}). It has been logged; reply /escalate to reach a technician."
 TIMED_OUT = "Sorry, I ran out of time writing an answer (reference {ref}). Reply /escalate to reach a technician."
@@ -76,6 +80,7 @@ DESK_ALREADY_ESCALATED = (
 DESK_NOTHING_TO_ESCALATE = "Nothing to escalate yet: ask your question first."
 DESK_FROM_TECHNICIAN = "Technician: {text}"
 DESK_FROM_EMPLOYEE = "Employee (escalation #{id}): {text}"
+DESK_FROM_OTHER_EMPLOYEE = "Another employee in the thread of escalation #{id}: {text}"
 DESK_CLAIMED = "A technician has taken your escalation #{id} and will reply in this conversation."
 DESK_RESOLVED = (
     "A technician resolved escalation #{id}: {text}\n"

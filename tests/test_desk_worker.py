@@ -16,6 +16,7 @@ from core.schema import Escalation, Message, MessageRole, MessageStatus
 from tests.conftest import FIXTURES, WorkerProcess
 
 TECH = "slack:UTECH1"
+CONSOLE_TECH = "tech-on-console"
 
 
 class ScriptedStdin(io.StringIO):
@@ -40,7 +41,7 @@ def test_console_escalation_with_a_real_worker(settings, db):
     from bot.console import Console
     from retrieval.ingest import ingest_file
 
-    settings = settings.model_copy(update={"technicians": [TECH]})
+    settings = settings.model_copy(update={"technicians": [TECH, f"console:{CONSOLE_TECH}"]})
     ingest_file(settings=settings, db=db, path=FIXTURES / "spine_tickets.jsonl")
     intake = make_intake(settings, db)
     console = Console(settings=settings, db=db, intake=intake)
@@ -73,11 +74,20 @@ def test_console_escalation_with_a_real_worker(settings, db):
     assert "Technician: Bring the printer's serial number" in out and "fuser again" not in out
 
     other = Console(settings=settings, db=db, intake=intake)  # a second employee, no escalation
-    worker = WorkerProcess(settings, name="desk", env={"SUPPORTBOT_TECHNICIANS": json.dumps([TECH])})
+    worker = WorkerProcess(settings, name="desk", env={"SUPPORTBOT_TECHNICIANS": json.dumps(settings.technicians)})
     try:
         worker.wait_ready(db, timeout=600)
         reply = other.ask("Printer error E-502, paper jams")
         assert reply.status == "answered" and reply.answer
+        assert texts.TECHNICIAN_TICKETS.split("(")[0] not in reply.answer  # an employee gets the composed answer
+        # A technician asking the bot themselves gets every matching ticket with its repair and hours.
+        technician = Console(settings=settings, db=db, intake=intake)
+        technician.user = CONSOLE_TECH
+        tech_reply = technician.ask("Printer error E-502, paper jams")
+        assert tech_reply.status == "answered"
+        assert texts.TECHNICIAN_TICKETS.split("(")[0] in tech_reply.answer
+        assert "[T-100] Printer jams on every page with error E-502 (HP LaserJet M404), 1.5 h" in tech_reply.answer
+        assert "Repair: Replaced the fuser roller" in tech_reply.answer
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline:
             with db.session() as session:
@@ -99,3 +109,65 @@ def test_console_escalation_with_a_real_worker(settings, db):
             assert escalation.severity == "line stopped"
     finally:
         worker.stop()
+
+
+def test_technician_view_lists_every_ticket_checked_like_the_employee_answer():
+    from core.types import TicketHit
+    from workers.compose import Composed, for_technician
+
+    hits = [
+        TicketHit(id="T-1", title="Press stops", machine="Press 4", condition="Valve stuck",
+                  work_performed="Freed the valve; call +49 30 1234567 or see https://evil.example/x", hours=2.0),
+        TicketHit(id="T-2", title="Press slow", condition="Low oil", work_performed="Topped up oil."),
+    ]
+    out = for_technician(Composed("Free the valve."), hits, question="press 4 stopped",
+                         trusted_domains=["wiki.example.com"])
+    assert out.text.startswith("Free the valve.\n\nAll matching tickets (2)")
+    assert "[T-1] Press stops (Press 4), 2 h\n  Found: Valve stuck\n  Repair: Freed the valve" in out.text
+    assert "[T-2] Press slow, time not recorded" in out.text and "Repair: Topped up oil." in out.text
+    assert "evil.example" not in out.text and "1234567" not in out.text  # untrusted ticket text is checked
+    assert out.flagged and "technician view: 2 tickets" in out.notes
+    assert for_technician(Composed("x"), [], question="q").text == "x"  # nothing found: the answer as is
+
+
+def test_another_employee_in_an_escalated_thread_goes_to_the_desk_not_to_the_model(settings, db):
+    from core.conversations import get_or_create_conversation, get_or_create_user
+
+    posts: list[desk.Post] = []
+    desk.on_post(posts.append)
+    try:
+        with db.session() as session:
+            owner = get_or_create_user(session=session, platform="slack", external_id="UOWNER")
+            colleague = get_or_create_user(session=session, platform="slack", external_id="UCOLL")
+            escalated = get_or_create_conversation(session=session, platform="slack", channel="C1", thread="100.1",
+                                                   user_id=owner.id)
+            session.add(Message(conversation_id=escalated.id, user_id=owner.id, role=MessageRole.user,
+                                text="The shrink tunnel shows H4.", idempotency_key="slack:C1:100.1",
+                                status=MessageStatus.answered))
+            session.flush()
+            escalation, _ = desk.escalate(session=session, conversation_id=escalated.id)
+            escalation.tech_channel, escalation.tech_thread = "CDESK", "200.1"
+            beside = get_or_create_conversation(session=session, platform="slack", channel="C1", thread="100.1",
+                                                user_id=colleague.id)
+            elsewhere = get_or_create_conversation(session=session, platform="slack", channel="C1", thread="300.1",
+                                                   user_id=colleague.id)
+            assert beside.id != escalated.id  # the colleague's own conversation, beside the owner's
+            assert desk.is_open(session=session, conversation_id=beside.id)  # the adapter posts no placeholder
+            assert not desk.is_open(session=session, conversation_id=elsewhere.id)
+            said = Message(conversation_id=beside.id, user_id=colleague.id, role=MessageRole.user,
+                           text="Same here on line 3, the film is loose too.", idempotency_key="slack:C1:100.2")
+            asked = Message(conversation_id=elsewhere.id, user_id=colleague.id, role=MessageRole.user,
+                            text="How do I reset my badge?", idempotency_key="slack:C1:300.1")
+            session.add_all([said, asked])
+            session.flush()
+            assert desk.desk_takes(session=session, settings=settings, message=said)
+            assert not desk.desk_takes(session=session, settings=settings, message=asked)  # answered as usual
+            assert said.status == MessageStatus.answered and said.meta["relayed_to_desk"] is True
+            assert said.meta["escalation_id"] == escalation.id and said.conversation_id == beside.id
+            escalation_id = escalation.id
+    finally:
+        desk._sinks.remove(posts.append)
+    (post,) = posts
+    assert (post.to, post.channel, post.thread) == ("desk", "CDESK", "200.1")
+    assert post.text == texts.DESK_FROM_OTHER_EMPLOYEE.format(id=escalation_id,
+                                                              text="Same here on line 3, the film is loose too.")
