@@ -377,11 +377,15 @@ def desk_takes(*, session: Session, settings: Settings, message: Message) -> boo
             return True
     if not technician:
         return False
-    escalated = session.scalar(
-        select(Escalation.id).where(Escalation.conversation_id == message.conversation_id).limit(1)
-    )
-    if escalated is None or conversation is None or conversation.user_id == message.user_id:
-        return False
+    beside = escalated_beside(session=session, conversation_id=message.conversation_id)
+    if beside is not None:  # their own conversation beside the escalated one, in the employee's thread
+        escalated: int | None = beside.id
+    else:
+        escalated = session.scalar(
+            select(Escalation.id).where(Escalation.conversation_id == message.conversation_id).limit(1)
+        )
+        if escalated is None or conversation is None or conversation.user_id == message.user_id:
+            return False
     message.status = MessageStatus.answered
     message.meta = {**(message.meta or {}), "technician_in_escalation": True, "escalation_id": escalated}
     session.flush()

@@ -276,8 +276,15 @@ def test_slack_desk_end_to_end(stack, tmp_path):
     to_desk = fake.wait_for("chat.postMessage", timeout=180, where=lambda p: p.get("channel") == SLACK_DESK
                             and p.get("thread_ts") == card_ts and "blinks twice" in p.get("text", ""))[0]
     assert f"escalation #{escalation_id}" in to_desk["text"]
+    # Another employee writing in the escalated thread is not answered either: their text reaches the desk.
+    slack_event(port, {"type": "message", "channel_type": "channel", "user": "U0EMPLOY03", "channel": floor,
+                       "ts": slack_ts(), "thread_ts": question_ts, "text": "Same on line 4, the film is loose too."})
+    colleague = fake.wait_for("chat.postMessage", timeout=180, where=lambda p: p.get("channel") == SLACK_DESK
+                              and p.get("thread_ts") == card_ts and "line 4" in p.get("text", ""))[0]
+    assert colleague["text"].startswith(f"Another employee in the thread of escalation #{escalation_id}")
     time.sleep(2.0)
     assert not in_thread(fake, floor, question_ts, "Working on it")[1:]  # only the first question's placeholder
+    assert not [p for p in fake.posted("chat.update") if p.get("channel") == floor and "line 4" in json.dumps(p)]
     assert not any("thermocouple again" in p.get("text", "") for p in fake.posted("chat.postMessage")
                    if p.get("channel") == floor)
     with db.session() as session:
@@ -315,8 +322,10 @@ def test_slack_desk_end_to_end(stack, tmp_path):
     _, second = slack_ask(fake, port, user="U0EMPLOY02", channel="C0FLOOR002", text=SLACK_QUESTION)
     assert f"ESC-{escalation_id}" in json.dumps([b for b in blocks_of(second) if b["type"] == "context"])
 
-    # A technician's own question, in a DM, is answered.
-    slack_ask(fake, port, user=SLACK_TECH, channel="D0TECH0001", text="Printer error E-502, paper jams", dm=True)
+    # A technician's own question, in a DM, is answered, with every matching ticket, its repair and hours.
+    _, own = slack_ask(fake, port, user=SLACK_TECH, channel="D0TECH0001", text="Printer error E-502, paper jams",
+                       dm=True)
+    assert "All matching tickets (" in own["text"] and "Repair: " in own["text"]
 
     # The export trains on the fix as the answer to the first conversation.
     assert "thermocouple" in exported_target(settings, tmp_path, SLACK_QUESTION)

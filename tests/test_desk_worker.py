@@ -161,6 +161,17 @@ def test_another_employee_in_an_escalated_thread_goes_to_the_desk_not_to_the_mod
             session.add_all([said, asked])
             session.flush()
             assert desk.desk_takes(session=session, settings=settings, message=said)
+            # A technician writing there is not answered as a question, and nothing of theirs is relayed.
+            technician = get_or_create_user(session=session, platform="slack", external_id="UTECHX")
+            theirs = get_or_create_conversation(session=session, platform="slack", channel="C1", thread="100.1",
+                                                user_id=technician.id)
+            checking = Message(conversation_id=theirs.id, user_id=technician.id, role=MessageRole.user,
+                               text="Checking the tunnel now.", idempotency_key="slack:C1:100.3")
+            session.add(checking)
+            session.flush()
+            desk_settings = settings.model_copy(update={"technicians": ["slack:UTECHX"]})
+            assert desk.desk_takes(session=session, settings=desk_settings, message=checking)
+            assert checking.meta == {"technician_in_escalation": True, "escalation_id": escalation.id}
             assert not desk.desk_takes(session=session, settings=settings, message=asked)  # answered as usual
             assert said.status == MessageStatus.answered and said.meta["relayed_to_desk"] is True
             assert said.meta["escalation_id"] == escalation.id and said.conversation_id == beside.id
