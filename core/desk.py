@@ -713,6 +713,14 @@ def at_desk(*, session: Session, platform: str, channel: str, thread: str) -> Es
     )
 
 
+def posted_card(*, session: Session, escalation_id: int) -> tuple[str, str, DeskCard] | None:
+    """(desk channel, card message ref, card) of an escalation whose card is on the desk, else None."""
+    escalation = get(session=session, escalation_id=escalation_id)
+    if not escalation.tech_channel or escalation.desk_message_ref in (None, PENDING_REF):
+        return None
+    return escalation.tech_channel, escalation.desk_message_ref, card(session=session, escalation=escalation)
+
+
 def escalated_in_thread(*, session: Session, platform: str, channel: str, thread: str) -> Escalation | None:
     """An active escalation of any conversation in this platform thread (the employee's thread, seen by
     someone else who writes there, e.g. a technician)."""

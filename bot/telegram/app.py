@@ -331,13 +331,7 @@ def build_application(*, settings: Settings, intake: Intake):  # type: ignore[no
                 await sql(lambda s, row=item.message_id, ref=str(sent.message_id): remember_sent(s, row, ref))
 
     async def show_card(bot, escalation_id: int) -> None:  # type: ignore[no-untyped-def]
-        def read(session):  # type: ignore[no-untyped-def]
-            escalation = desk.get(session=session, escalation_id=escalation_id)
-            if not escalation.tech_channel or escalation.desk_message_ref in (None, desk.PENDING_REF):
-                return None
-            return escalation.tech_channel, escalation.desk_message_ref, desk.card(session=session, escalation=escalation)
-
-        found = await sql(read)
+        found = await sql(lambda session: desk.posted_card(session=session, escalation_id=escalation_id))
         if found is None:
             return
         channel, ref, card = found
