@@ -166,7 +166,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--timeout", type=float, default=900.0, help="per channel")
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--channels", default="slack,telegram,console", help="comma-separated subset to run")
     args = parser.parse_args(argv)
+    wanted = set(args.channels.split(","))
     sys.path.insert(0, str(ROOT))
 
     from core.db import Database, upgrade
@@ -193,8 +195,10 @@ def main(argv: list[str] | None = None) -> int:
             slack.wait_http(port)
             worker.wait_ready(db, timeout=900)
             fake.wait_for("getUpdates", timeout=600)
-            results = [run_slack(fake, port, args.users, args.timeout), run_telegram(fake, args.users, args.timeout),
-                       run_console(settings, db, args.users)]
+            runs = {"slack": lambda: run_slack(fake, port, args.users, args.timeout),
+                    "telegram": lambda: run_telegram(fake, args.users, args.timeout),
+                    "console": lambda: run_console(settings, db, args.users)}
+            results = [run() for name, run in runs.items() if name in wanted]
         finally:
             for process in (slack, telegram):
                 process.stop()

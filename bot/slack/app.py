@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from bot.intake import Intake
@@ -126,6 +127,9 @@ def build_app(*, settings: Settings, intake: Intake, socket_mode: bool = False, 
             return None
 
     taking: set[str] = set()  # events being stored right now (this process handles them all)
+    # Intake (anonymize, store, enqueue) gets threads of its own: on asyncio's default pool, 16 questions
+    # at once took every thread, and the quick SQL reads before each "Working on it" queued behind them.
+    intake_pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="intake")
 
     async def _instead(client, channel: str, thread: str, early, text: str | None) -> None:  # type: ignore[no-untyped-def]
         """Say ``text`` (or nothing) where the early placeholder would have stood."""
@@ -175,7 +179,7 @@ def build_app(*, settings: Settings, intake: Intake, socket_mode: bool = False, 
             early = asyncio.create_task(post(client, channel, thread, texts.WORKING_ON_IT))
         taking.add(key)  # a retry that arrives while this one is stored shows nothing of its own
         try:
-            receipt = await asyncio.to_thread(intake.receive, inbound)
+            receipt = await asyncio.get_running_loop().run_in_executor(intake_pool, intake.receive, inbound)
         except BrokerUnavailable:
             await _instead(client, channel, thread, early, texts.DELAYED)
             return
