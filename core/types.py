@@ -4,6 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+# The composition note that marks a technician's own question answered with every matching ticket
+# (workers/compose.for_technician); the export never trains on such an answer.
+TECHNICIAN_VIEW = "technician view"
+
 
 @dataclass(frozen=True)
 class TicketHit:

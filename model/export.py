@@ -42,7 +42,7 @@ from core.schema import (
     Rating,
     Ticket,
 )
-from core.types import TicketHit
+from core.types import TECHNICIAN_VIEW, TicketHit
 from model.ratings import BAD, GOOD, message_score
 
 log = logging.getLogger(__name__)
@@ -165,6 +165,12 @@ def conversation_record(session: Session, conversation_id: int, counts: dict[str
             # A 👍 on a ticket's own repair text quoted in place of the model's: the model earned nothing.
             # It stays as context, never as a target.
             counts["answers_fallback"] += 1
+            turns.append({"role": "assistant", "content": text, "weight": 0})
+            continue
+        if any(str(note).startswith(TECHNICIAN_VIEW) for note in (m.meta or {}).get("composition", [])):
+            # A technician's own question, answered with every matching ticket (workers/compose.py): a list
+            # to troubleshoot with, not what an employee should be told, so never a target.
+            counts["answers_technician_view"] += 1
             turns.append({"role": "assistant", "content": text, "weight": 0})
             continue
         resolved_fix = resolutions.get(m.id) or (resolutions.get(m.reply_to_id) if m.reply_to_id else None)

@@ -11,6 +11,7 @@ import pytest
 from core.db import Database
 from core.errors import InputError
 from core.schema import User
+from core.types import TECHNICIAN_VIEW
 from model.export import export
 from model.ratings import rate
 from tests.test_learning import _conversation, _exchange
@@ -62,3 +63,25 @@ def test_only_fallback_answers_means_nothing_to_train(db: Database, tmp_path: Pa
         rate(session=s, message_id=quoted.id, value="good")
     with db.session() as s, pytest.raises(InputError):
         export(session=s, out_dir=tmp_path / "export", scrub=None)
+
+
+def test_technician_view_answer_rated_good_is_never_a_target(db: Database, tmp_path: Path) -> None:
+    """A technician's own question gets every matching ticket listed (workers/compose.for_technician):
+    a troubleshooting list, not what the model should learn to tell employees."""
+    with db.session() as s:
+        user = User(platform="console", external_id="u1")
+        s.add(user)
+        s.flush()
+        model = _exchange(s, _conversation(s, "model", user), "The scanner leaves streaks.",
+                          "Clean the scanner glass and the feed rollers with a lint-free cloth.")
+        rate(session=s, message_id=model.id, value="good")
+        listed = _exchange(s, _conversation(s, "tech", user), "Label printer prints blank.",
+                           "Replace the ribbon.\n\nMatching tickets:\n[SB-1] Label printer blank (Zebra), 0.5 h")
+        listed.meta = {"composition": [f"{TECHNICIAN_VIEW}: 1 tickets"]}
+        rate(session=s, message_id=listed.id, value="good")
+    out = tmp_path / "export"
+    with db.session() as s:
+        summary = export(session=s, out_dir=out, scrub=None, validation_percent=0)
+    assert summary.counts["answers_technician_view"] == 1
+    text = json.dumps(_rows(out))
+    assert "Clean the scanner glass" in text and "Matching tickets" not in text

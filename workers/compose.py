@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 from core import texts
 from core.trust import check_answer
-from core.types import TicketHit
+from core.types import TECHNICIAN_VIEW, TicketHit
 
 STOPWORDS = frozenset(
     ["a", "an", "and", "are", "as", "at", "be", "been", "but", "by", "can", "could", "did", "do", "does", "for", "from", "had", "has", "have", "how", "i", "if", "in", "is", "it", "its", "me", "my", "no", "not", "of", "on", "or", "our", "please", "so", "that", "the", "their", "then", "there", "these", "this", "to", "was", "we", "were", "what", "when", "which", "while", "who", "why", "will", "with", "would", "you", "your"]
@@ -225,7 +225,7 @@ def for_technician(
         trusted_domains=trusted_domains,
         keep=[h.id for h in hits],
     )
-    notes = [*composed.notes, f"technician view: {len(hits)} tickets"]
+    notes = [*composed.notes, f"{TECHNICIAN_VIEW}: {len(hits)} tickets"]
     if checked.flagged:
         notes.append("removed: " + ", ".join(sorted(set(checked.removed))))
     return Composed(text=checked.text, fallback=composed.fallback, flagged=composed.flagged or checked.flagged,
