@@ -97,6 +97,14 @@ def cli_actor() -> Actor:
     return Actor(platform="cli", external_id=name)
 
 
+def chat_help(*, session: Session, platform: str, external_id: str, settings: Settings) -> str:
+    """The chat help; an admin also reads the admin commands (others would only be refused them)."""
+    from core import texts
+
+    admin = role_of(session=session, platform=platform, external_id=external_id, settings=settings) == Role.admin
+    return texts.CHAT_HELP + ("\n\n" + texts.ADMIN_HELP if admin else "")
+
+
 def role_of(*, session: Session, platform: str, external_id: str, settings: Settings) -> Role:
     """The highest role any source gives this person; employee when none says more."""
     qualified = f"{platform}:{external_id}"

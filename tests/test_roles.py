@@ -167,3 +167,15 @@ def test_desk_claim_and_resolve_are_their_own_actions_for_technicians_and_admins
         ("slack:UE", "escalations.resolve", "denied"),
     ]
     assert rows[-1].detail == "resolve escalation #3"
+
+
+def test_chat_help_lists_the_admin_commands_to_admins_only(settings, db: Database) -> None:
+    from core import texts
+    from core.roles import chat_help
+
+    settings = settings.model_copy(update={"admins": ["slack:UADMIN"]})
+    with db.session() as s:
+        admin = chat_help(session=s, platform="slack", external_id="UADMIN", settings=settings)
+        employee = chat_help(session=s, platform="slack", external_id="UEMPLOYEE", settings=settings)
+    assert admin.startswith(texts.CHAT_HELP) and texts.ADMIN_HELP in admin
+    assert employee == texts.CHAT_HELP

@@ -31,6 +31,7 @@ from core.conversations import (
 )
 from core.errors import BrokerUnavailable, ConfigError, SupportbotError
 from core.feedback import escalate_answer, escalate_conversation, rate_answer
+from core.roles import chat_help
 from core.schema import Escalation, EscalationStatus, Message
 from core.settings import Settings
 
@@ -458,7 +459,8 @@ def build_app(*, settings: Settings, intake: Intake, socket_mode: bool = False, 
     async def on_command(ack, command) -> None:  # type: ignore[no-untyped-def]
         word = (command.get("text") or "").strip().lower()
         if word != "escalate":
-            await ack(text=texts.CHAT_HELP)
+            await ack(text=await sql(chat_help, platform=PLATFORM, external_id=command.get("user_id", ""),
+                                     settings=settings))  # fmt: skip
             return
 
         def escalate_latest(session) -> str:  # type: ignore[no-untyped-def]

@@ -33,6 +33,7 @@ from core.conversations import (
 )
 from core.errors import BrokerUnavailable, ConfigError, SupportbotError
 from core.feedback import escalate_answer, escalate_conversation, rate_answer
+from core.roles import chat_help
 from core.schema import Conversation, MessageRole
 from core.settings import Settings
 from core.types import Inbound
@@ -246,7 +247,9 @@ def build_application(*, settings: Settings, intake: Intake):  # type: ignore[no
         await update.message.reply_text(texts.CHAT_START, do_quote=True)
 
     async def on_help(update: Update, context) -> None:  # type: ignore[no-untyped-def]
-        await update.message.reply_text(texts.CHAT_HELP, do_quote=True)
+        user = str(update.message.from_user.id) if update.message.from_user else ""
+        text = await sql(lambda s: chat_help(session=s, platform=PLATFORM, external_id=user, settings=settings))
+        await update.message.reply_text(text, do_quote=True)
 
     async def on_new(update: Update, context) -> None:  # type: ignore[no-untyped-def]
         message = update.message
