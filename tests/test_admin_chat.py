@@ -23,15 +23,12 @@ from core.schema import (
     Conversation,
     Message,
     MessageRole,
-    MessageStatus,
     ModelStatus,
     ModelVersion,
     TrainingRun,
-    User,
 )
 from core.settings import load_settings
 from model import registry
-from model.ratings import rate
 from tests.conftest import WorkerProcess, free_port, seed_tickets
 from tests.fake_platforms import (
     BOT_USER,
@@ -43,45 +40,17 @@ from tests.fake_platforms import (
 )
 from tests.test_slack import blocks_of, interaction, signed
 from tests.test_telegram import message, private, push
+from tests.test_train import seed_rated
 
 pytestmark = pytest.mark.slow
 
 ADMIN, EMPLOYEE = "U0ADMIN000", "U0EMPLOY00"
 TG_ADMIN, TG_EMPLOYEE = 4242, 777
-FIXES = {
-    "printer": "Open tray 2, pull the stuck sheet out and restart the printer.",
-    "laptop": "Hold the power button for 15 s, unplug the charger, then boot into recovery.",
-    "vpn client": "Update the VPN client and switch the protocol to IKEv2 in settings.",
-    "monitor": "Replace the DisplayPort cable and set the refresh rate to 60 Hz.",
-}
 # A few steps on CPU: two ~130-token conversations per row, one row per step (as tests/test_train.py).
 QUICK = {"pack_len": 256, "batch_rows": 1, "save_every": 0, "eval_limit": 2, "load_in_4bit": False,
          "gradient_checkpointing": False, "lora_targets": "q_proj,v_proj"}  # fmt: skip
 GOOD_RUN = {**QUICK, "max_steps": 5, "learning_rate": 3e-3}
 WORSE_RUN = {**QUICK, "max_steps": 2, "learning_rate": 0.05}  # wrecks the model in two steps
-
-
-def seed_rated(db: Database, who: str, n: int = 12) -> None:
-    """Rated one-question conversations; the same fixes recur, so held-out ones are learnable."""
-    devices = list(FIXES)
-    with db.session() as s:
-        user = User(platform="console", external_id=who)
-        s.add(user)
-        s.flush()
-        for i in range(n):
-            device = devices[i % len(devices)]
-            conv = Conversation(platform="console", channel="console", thread=f"{who}-{i}", user_id=user.id)
-            s.add(conv)
-            s.flush()
-            asked = Message(conversation_id=conv.id, role=MessageRole.user, status=MessageStatus.answered,
-                            text=f"My {device} stopped working (case {who} {i}).")  # fmt: skip
-            s.add(asked)
-            s.flush()
-            answer = Message(conversation_id=conv.id, role=MessageRole.assistant, text=FIXES[device],
-                             status=MessageStatus.sent, reply_to_id=asked.id)  # fmt: skip
-            s.add(answer)
-            s.flush()
-            rate(session=s, message_id=answer.id, value="good", user_id=user.id)
 
 
 @pytest.fixture(scope="module")

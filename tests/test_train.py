@@ -35,31 +35,27 @@ FIXES = {
 }
 
 
-def seed_rated(db: Database, n: int = 12) -> None:
-    """Rated one-question conversations; the same fixes recur, so held-out ones are learnable."""
+def seed_rated(db: Database, who: str = "u1", n: int = 12) -> None:
+    """Rated one-question conversations of ``who``; the same fixes recur, so held-out ones are learnable."""
     devices = list(FIXES)
     with db.session() as s:
-        user = User(platform="console", external_id="u1")
+        user = User(platform="console", external_id=who)
         s.add(user)
         s.flush()
         for i in range(n):
             device = devices[i % len(devices)]
-            conv = Conversation(platform="console", channel="console", thread=f"t{i}", user_id=user.id)
+            conv = Conversation(platform="console", channel="console", thread=f"{who}-{i}", user_id=user.id)
             s.add(conv)
             s.flush()
-            asked = Message(
-                conversation_id=conv.id, role=MessageRole.user, text=f"My {device} stopped working (case {i}).",
-                status=MessageStatus.answered,
-            )  # fmt: skip
+            asked = Message(conversation_id=conv.id, role=MessageRole.user, status=MessageStatus.answered,
+                            text=f"My {device} stopped working (case {who} {i}).")  # fmt: skip
             s.add(asked)
             s.flush()
-            answer = Message(
-                conversation_id=conv.id, role=MessageRole.assistant, text=FIXES[device],
-                status=MessageStatus.sent, reply_to_id=asked.id,
-            )  # fmt: skip
+            answer = Message(conversation_id=conv.id, role=MessageRole.assistant, text=FIXES[device],
+                             status=MessageStatus.sent, reply_to_id=asked.id)  # fmt: skip
             s.add(answer)
             s.flush()
-            rate(session=s, message_id=answer.id, value="good")
+            rate(session=s, message_id=answer.id, value="good", user_id=user.id)
 
 
 def sha256(path: Path) -> str:
