@@ -22,6 +22,7 @@ import os
 import sys
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -109,9 +110,15 @@ PLAIN_MODULES = {
 IDENTITY = {"torch.nn.modules.linear.Identity", "torch.nn.Identity"}
 
 
-def plain_layout(folder: Path) -> list[tuple[str, Path]] | None:
-    """The folder's modules as (kind, path) when ``PlainPipeline`` computes exactly what sentence-transformers
-    would: mean pooling, no lower-casing, linear maps without activation or residual. Else None."""
+@dataclass(frozen=True)
+class PlainLayout:
+    modules: list[tuple[str, Path]]  # (kind, folder) in order
+    max_seq_length: int
+
+
+def plain_layout(folder: Path) -> PlainLayout | None:
+    """The folder's modules when ``PlainPipeline`` computes exactly what sentence-transformers would: mean
+    pooling, no lower-casing, linear maps without activation or residual. Else None."""
     try:
         modules = json.loads((folder / "modules.json").read_text(encoding="utf-8"))
         layout = [(PLAIN_MODULES[m["type"]], folder / m.get("path", "")) for m in modules]
@@ -134,7 +141,8 @@ def plain_layout(folder: Path) -> list[tuple[str, Path]] | None:
                 dense = json.loads((path / "config.json").read_text(encoding="utf-8"))
                 if dense.get("activation_function") not in IDENTITY or dense.get("use_residual"):
                     return None
-        return layout
+        length = min(MAX_SEQ_LENGTH, int(st_config.get("max_seq_length") or MAX_SEQ_LENGTH))
+        return PlainLayout(layout, length)
     except (OSError, ValueError, KeyError, TypeError):  # unknown module or odd files: the library decides
         return None
 
@@ -142,16 +150,16 @@ def plain_layout(folder: Path) -> list[tuple[str, Path]] | None:
 class PlainPipeline:
     """transformer -> mean pooling over real tokens -> [linear map] -> L2 normalize, with transformers only."""
 
-    def __init__(self, folder: Path, layout: list[tuple[str, Path]], max_seq_length: int) -> None:
+    def __init__(self, folder: Path, layout: PlainLayout) -> None:
         import torch
         from transformers import AutoModel, AutoTokenizer
 
         self._torch = torch
         self.tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
         self.model = AutoModel.from_pretrained(str(folder), local_files_only=True).eval()
-        self.max_seq_length = max_seq_length
+        self.max_seq_length = layout.max_seq_length
         self.steps: list[tuple[str, object]] = []
-        for kind, path in layout[2:]:
+        for kind, path in layout.modules[2:]:
             self.steps.append((kind, self._dense(path) if kind == "dense" else None))
         self.dim = int(self.model.config.hidden_size)
         for kind, weight in self.steps:
@@ -161,10 +169,10 @@ class PlainPipeline:
     def _dense(self, path: Path):  # type: ignore[no-untyped-def]
         from safetensors.torch import load_file
 
-        files = [path / "model.safetensors"]
-        if not files[0].is_file():
+        weights = path / "model.safetensors"
+        if not weights.is_file():
             raise RetrievalError(f"{path}: linear map weights (model.safetensors) missing")
-        tensors = load_file(str(files[0]))
+        tensors = load_file(str(weights))
         if set(tensors) - {"linear.weight"}:
             raise RetrievalError(f"{path}: unexpected tensors {sorted(tensors)}")  # a bias: not plain
         return tensors["linear.weight"]
@@ -219,9 +227,7 @@ class Embedder:
         layout = plain_layout(folder)
         try:
             if layout is not None:
-                st_config = json.loads((folder / "sentence_bert_config.json").read_text(encoding="utf-8"))
-                length = min(MAX_SEQ_LENGTH, int(st_config.get("max_seq_length") or MAX_SEQ_LENGTH))
-                self.plain = PlainPipeline(folder, layout, length)
+                self.plain = PlainPipeline(folder, layout)
                 self.dim = self.plain.dim
             else:
                 from sentence_transformers import SentenceTransformer
