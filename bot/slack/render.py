@@ -71,21 +71,30 @@ def answer_blocks(
 
 def reason_modal(*, reply_id: int, channel: str, ts: str) -> dict[str, Any]:
     """The 👎 modal: why did the answer not help (optional)."""
+    return _modal(REASON_VIEW, {"reply_id": reply_id, "channel": channel, "ts": ts}, texts.BAD_REASON_TITLE,
+                  "Send", "Skip",
+                  [_text_input("reason", texts.BAD_REASON_LABEL[:2000], multiline=True, max_length=2000)])  # fmt: skip
+
+
+def _modal(callback_id: str, metadata: dict[str, Any], title: str, submit: str, close: str,
+           blocks: list[dict[str, Any]]) -> dict[str, Any]:  # fmt: skip
     return {
         "type": "modal",
-        "callback_id": REASON_VIEW,
-        "private_metadata": json.dumps({"reply_id": reply_id, "channel": channel, "ts": ts}),
-        "title": {"type": "plain_text", "text": texts.BAD_REASON_TITLE[:24]},
-        "submit": {"type": "plain_text", "text": "Send"},
-        "close": {"type": "plain_text", "text": "Skip"},
-        "blocks": [{
-            "type": "input",
-            "block_id": "reason",
-            "optional": True,
-            "label": {"type": "plain_text", "text": texts.BAD_REASON_LABEL[:2000]},
-            "element": {"type": "plain_text_input", "action_id": "reason", "multiline": True, "max_length": 2000},
-        }],
+        "callback_id": callback_id,
+        "private_metadata": json.dumps(metadata),
+        "title": {"type": "plain_text", "text": title[:24]},  # Slack's limit for a modal title
+        "submit": {"type": "plain_text", "text": submit},
+        "close": {"type": "plain_text", "text": close},
+        "blocks": blocks,
     }
+
+
+def _text_input(block_id: str, label: str, *, multiline: bool = False, optional: bool = True,
+                max_length: int = 2900) -> dict[str, Any]:  # fmt: skip
+    return {"type": "input", "block_id": block_id, "optional": optional,
+            "label": {"type": "plain_text", "text": label},
+            "element": {"type": "plain_text_input", "action_id": block_id, "multiline": multiline,
+                        "max_length": max_length}}
 
 
 def _button(action_id: str, label: str, value: str) -> dict[str, Any]:
@@ -158,26 +167,12 @@ def desk_blocks(card: DeskCard, *, link: str | None = None) -> list[dict[str, An
 
 def resolve_modal(*, escalation_id: int, channel: str, ts: str) -> dict[str, Any]:
     """Resolve: the fix (required), the hours it took and the machine (optional)."""
-
-    def field(block_id: str, label: str, *, multiline: bool = False, optional: bool = True) -> dict[str, Any]:
-        return {"type": "input", "block_id": block_id, "optional": optional,
-                "label": {"type": "plain_text", "text": label},
-                "element": {"type": "plain_text_input", "action_id": block_id, "multiline": multiline,
-                            "max_length": 2900}}
-
-    return {
-        "type": "modal",
-        "callback_id": RESOLVE_VIEW,
-        "private_metadata": json.dumps({"escalation_id": escalation_id, "channel": channel, "ts": ts}),
-        "title": {"type": "plain_text", "text": texts.DESK_RESOLVE_TITLE[:24]},
-        "submit": {"type": "plain_text", "text": "Resolve"},
-        "close": {"type": "plain_text", "text": "Cancel"},
-        "blocks": [
-            field("resolution", texts.DESK_RESOLVE_LABEL, multiline=True, optional=False),
-            field("hours", texts.DESK_RESOLVE_HOURS),
-            field("machine", texts.DESK_RESOLVE_MACHINE),
-        ],
-    }
+    return _modal(RESOLVE_VIEW, {"escalation_id": escalation_id, "channel": channel, "ts": ts},
+                  texts.DESK_RESOLVE_TITLE, "Resolve", "Cancel", [
+                      _text_input("resolution", texts.DESK_RESOLVE_LABEL, multiline=True, optional=False),
+                      _text_input("hours", texts.DESK_RESOLVE_HOURS),
+                      _text_input("machine", texts.DESK_RESOLVE_MACHINE),
+                  ])  # fmt: skip
 
 
 def modal_values(view: dict[str, Any]) -> dict[str, str]:
