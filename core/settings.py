@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -72,6 +72,15 @@ class Settings(BaseSettings):
     visibility_timeout_s: int = Field(600, ge=5, description="Redis: an unacknowledged task returns after this")
     answer_soft_limit_s: float = Field(300.0, gt=0, description="An answer task past this ends with a clear message")
     batch_max: int = Field(16, ge=1, description="Most conversations one forward pass serves")
+    cpu_weights: Literal["fp16", "fp32"] = Field(
+        "fp16", description="CPU weight format of the decode engine: fp16 (fbgemm, half the bytes) or exact fp32"
+    )
+    prefill_chunk: int = Field(
+        128, ge=8, description="Prompt tokens prefilled per engine step, so a long prompt never stalls running answers"
+    )
+    prefix_cache: int = Field(
+        8, ge=0, description="Shared prompt openings whose keys and values are kept for reuse; 0 turns reuse off"
+    )
     metrics_port: int = Field(0, ge=0, description="Prometheus metrics port of a worker; 0 is off")
     log_json: bool = Field(False, description="Structured JSON logs with conversation and message ids")
 

@@ -1,8 +1,9 @@
 """Loading the base Llama and generating answers.
 
 One ``LanguageModel`` per worker process: the base model (optionally NF4 4-bit, double quant) plus an
-optional LoRA adapter that can be swapped without a restart. ``generate`` takes a batch of chat
-prompts so a worker can serve concurrent conversations in one forward pass per token.
+optional LoRA adapter that can be swapped without a restart. Generation runs on ``model.engine``
+(continuous batching, prefix reuse): ``generate`` takes a batch of chat prompts and runs them to the
+end; the worker's batcher feeds the same engine request by request.
 """
 
 from __future__ import annotations
@@ -22,14 +23,12 @@ from transformers import (
     BitsAndBytesConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
-    StoppingCriteria,
-    StoppingCriteriaList,
-    TextIteratorStreamer,
 )
 
 from core.errors import GenerationTimeout, ModelError
 from core.settings import Settings
 from model.embedded import resolve_base
+from model.engine import Engine, Request, Sampling
 
 log = logging.getLogger(__name__)
 
@@ -86,17 +85,6 @@ def load_base(
     return model, tokenizer
 
 
-class _Deadline(StoppingCriteria):
-    def __init__(self, deadline: float) -> None:
-        self.deadline = deadline
-        self.hit = False
-
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs: Any) -> torch.BoolTensor:
-        done = time.monotonic() >= self.deadline
-        self.hit = self.hit or done
-        return torch.full((input_ids.shape[0],), done, dtype=torch.bool, device=input_ids.device)
-
-
 class LanguageModel:
     """The base model, the current adapter, and thread-safe generation."""
 
@@ -112,7 +100,14 @@ class LanguageModel:
         self.base_name = self.base_path.name
         self.adapter_name: str | None = None
         self.adapter_path: str | None = None
-        self._lock = threading.Lock()  # one forward pass at a time; batching happens above
+        self._lock = threading.Lock()  # one engine step at a time; batching happens in the engine
+        try:
+            self.engine = Engine(
+                self.model, eos_ids=self._eos_ids(), sampling=self.sampling(), max_batch=settings.batch_max,
+                cpu_weights=settings.cpu_weights, prefill_chunk=settings.prefill_chunk, prefix_cache=settings.prefix_cache,
+            )
+        except (AttributeError, TypeError) as err:
+            raise ModelError(f"{self.base_path} is not a Llama-architecture model this engine can run: {err}") from err
         if settings.adapter:
             self.use_adapter(settings.adapter)
 
@@ -135,6 +130,8 @@ class LanguageModel:
                     raise ModelError(f"{path} is not a LoRA adapter folder (no adapter_config.json)")
                 self.model = PeftModel.from_pretrained(self.model, adapter_dir, is_trainable=False)
                 self.model.eval()
+            self.engine.model = self.model
+            self.engine.reload()  # new weights: fused copies rebuilt, cached prefixes dropped
             self.adapter_path = path
             self.adapter_name = name or (Path(path).name if path else None)
             log.info("model version is now %s", self.version)
@@ -157,66 +154,90 @@ class LanguageModel:
             ids = ids[: keep // 2] + ids[-(keep - keep // 2) :]
         return ids
 
+    def sampling(self) -> Sampling:
+        st = self.settings
+        return Sampling(
+            temperature=st.temperature,
+            top_k=int(getattr(self.model.generation_config, "top_k", None) or 50),
+            # Small models loop ("The machine is malfunctioning." eight times); these two stop it at the source.
+            repetition_penalty=st.repetition_penalty,
+            no_repeat_ngram_size=st.no_repeat_ngram_size,
+        )
+
+    def request(
+        self,
+        messages: Sequence[dict[str, str]],
+        *,
+        max_new_tokens: int | None = None,
+        min_new_tokens: int = 0,
+        on_text: Callable[[str], None] | None = None,
+    ) -> Request:
+        """An engine request for one chat prompt; its deadline is ``generation_timeout_s`` from now."""
+        return Request(
+            ids=self.render(messages),
+            max_new_tokens=max_new_tokens or self.settings.max_new_tokens,
+            min_new_tokens=min_new_tokens,
+            deadline=time.monotonic() + self.settings.generation_timeout_s,
+            on_token=self._streamer(on_text) if on_text is not None else None,
+        )
+
+    def result(self, request: Request) -> Generation:
+        """What a finished request made; a failure or a deadline with nothing said is an error."""
+        if request.error is not None:
+            raise ModelError(f"generation failed: {request.error}") from request.error
+        text = self.tokenizer.decode(request.generated, skip_special_tokens=True).strip()
+        seconds = (request.finished or time.monotonic()) - request.started
+        if request.timed_out and not text:
+            raise GenerationTimeout(f"no answer within {self.settings.generation_timeout_s:g} s")
+        return Generation(text, len(request.ids), len(request.generated), seconds, request.timed_out)
+
     def generate(
         self,
         prompts: Sequence[Sequence[dict[str, str]]],
         *,
         max_new_tokens: int | None = None,
+        min_new_tokens: int = 0,
         timeout_s: float | None = None,
         on_text: Callable[[str], None] | None = None,
     ) -> list[Generation]:
         """Answer a batch of chat prompts. ``on_text`` streams the first prompt's text as it is made."""
         if not prompts:
             return []
-        max_new = max_new_tokens or self.settings.max_new_tokens
-        timeout = timeout_s or self.settings.generation_timeout_s
-        rows = [self.render(p) for p in prompts]
-        width = max(len(r) for r in rows)
-        pad = self.tokenizer.pad_token_id
-        input_ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=self.model.device)
-        attention = torch.tensor(
-            [[0] * (width - len(r)) + [1] * len(r) for r in rows], device=self.model.device
-        )
-        deadline = _Deadline(time.monotonic() + timeout)
-        kwargs: dict[str, Any] = dict(
-            input_ids=input_ids,
-            attention_mask=attention,
-            max_new_tokens=max_new,
-            stopping_criteria=StoppingCriteriaList([deadline]),
-            pad_token_id=pad,
-            do_sample=self.settings.temperature > 0,
-            # Small models loop ("The machine is malfunctioning." eight times); these two stop it at the source.
-            repetition_penalty=self.settings.repetition_penalty,
-            no_repeat_ngram_size=self.settings.no_repeat_ngram_size,
-        )
-        if self.settings.temperature > 0:
-            kwargs["temperature"] = self.settings.temperature
-        else:
-            kwargs.update(temperature=None, top_p=None, top_k=None)
-        started = time.monotonic()
-        with self._lock, torch.inference_mode():
-            try:
-                if on_text is not None and len(rows) == 1:
-                    output = self._generate_streaming(kwargs, on_text)
-                else:
-                    output = self.model.generate(**kwargs)
-            except (RuntimeError, ValueError) as err:
-                raise ModelError(f"generation failed: {err}") from err
-        seconds = time.monotonic() - started
+        requests = [
+            self.request(p, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
+                         on_text=on_text if i == 0 else None)
+            for i, p in enumerate(prompts)
+        ]
+        if timeout_s:
+            for r in requests:
+                r.deadline = time.monotonic() + timeout_s
+        with self._lock:
+            self.engine.run(requests)
         results = []
-        for row, out in zip(rows, output):
-            new = out[width:]
-            eos = self._eos_ids()
-            n = len(new)
-            for i, tok in enumerate(new.tolist()):
-                if tok in eos:
-                    n = i
-                    break
-            text = self.tokenizer.decode(new[:n], skip_special_tokens=True).strip()
-            results.append(Generation(text, len(row), n, seconds, deadline.hit))
-        if deadline.hit and len(results) == 1 and not results[0].text:
-            raise GenerationTimeout(f"no answer within {timeout:g} s")
+        for r in requests:
+            try:
+                results.append(self.result(r))
+            except GenerationTimeout:
+                if len(requests) == 1:
+                    raise
+                results.append(Generation("", len(r.ids), 0, 0.0, True))  # the batch caller sees timed_out
         return results
+
+    def _streamer(self, on_text: Callable[[str], None]) -> Callable[[int], None]:
+        """Token ids in, text pieces out: a piece is passed on once it decodes to whole characters."""
+        tokens: list[int] = []
+        sent = 0
+
+        def on_token(token: int) -> None:
+            nonlocal sent
+            tokens.append(token)
+            text = self.tokenizer.decode(tokens, skip_special_tokens=True)
+            if text.endswith("\ufffd") or len(text) <= sent:
+                return  # a multi-byte character is still incomplete
+            on_text(text[sent:])
+            sent = len(text)
+
+        return on_token
 
     def _eos_ids(self) -> set[int]:
         eos = self.model.generation_config.eos_token_id
@@ -224,25 +245,3 @@ class LanguageModel:
         if self.tokenizer.eos_token_id is not None:
             ids.add(self.tokenizer.eos_token_id)
         return ids
-
-    def _generate_streaming(self, kwargs: dict[str, Any], on_text: Callable[[str], None]) -> torch.Tensor:
-        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
-        result: dict[str, Any] = {}
-
-        def run() -> None:
-            try:
-                with torch.inference_mode():
-                    result["out"] = self.model.generate(**kwargs, streamer=streamer)
-            except BaseException as err:  # surfaced in the calling thread below
-                result["err"] = err
-                streamer.end()
-
-        thread = threading.Thread(target=run, daemon=True)
-        thread.start()
-        for piece in streamer:
-            if piece:
-                on_text(piece)
-        thread.join()
-        if "err" in result:
-            raise result["err"]
-        return result["out"]

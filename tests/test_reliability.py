@@ -445,7 +445,8 @@ def test_batcher_serves_concurrent_requests_in_shared_batches(tmp_path):
     for t in threads:
         t.join(700)
     assert not errors and len(results) == 8 and all(results)
-    assert batcher.rows == 8 and batcher.batches < 8, f"{batcher.batches} batches for 8 concurrent requests"
+    # Continuous batching: the requests shared decode steps instead of taking turns.
+    assert batcher.rows == 8 and batcher.peak_rows > 1, f"at most {batcher.peak_rows} rows decoded together"
 
     # The batcher's own deadline: a caller that can't wait gets a clear timeout, and the loop lives on.
     with pytest.raises(GenerationTimeout):

@@ -68,10 +68,10 @@ class Answerer:
                 target = (active.adapter_path, active.name) if active and active.adapter_path else None
             if target is None:
                 if self.model.adapter_path and self.model.adapter_path != self.settings.adapter:
-                    self.batcher.call(self.model.use_adapter, self.settings.adapter)
+                    self.batcher.call(self.model.use_adapter, self.settings.adapter, drain=True)
                 return
             if target[0] != self.model.adapter_path:
-                self.batcher.call(self.model.use_adapter, target[0], target[1])
+                self.batcher.call(self.model.use_adapter, target[0], target[1], drain=True)
 
     def answer(self, message_id: int) -> Message | None:
         """Answer one stored user message, exactly once. Returns the reply (new or earlier)."""

@@ -1,21 +1,19 @@
-"""Batch generation across in-flight requests.
+"""Continuous batching across in-flight requests.
 
 Worker threads each hold one conversation; instead of taking turns on the model, they drop their
-prompt here and one loop runs them together: a request that arrives while a batch is generating
-waits for the next one, so the model stays busy and every forward pass serves several users.
-
-Decoding one token costs about the same for one row as for sixteen (reading the weights dominates),
-so the more rows share a pass, the more answers per minute. Requests do not arrive together, though:
-after a batch, each worker thread stores its reply, takes its next task and runs retrieval before it
-asks again. The loop therefore waits a little for stragglers, longer when the last batch was large and
-slow (they are surely coming, and a straggler missed now waits a whole batch), not at all for a lone user.
+prompt here and one loop feeds the model's engine (``model.engine``): a request joins the running batch
+at the next step (after its prompt is prefilled, a chunk per step) and leaves as soon as it is done, so
+nobody waits for a batch to finish or for its slowest member. Decoding one token costs little more
+for sixteen rows than for one (reading the weights dominates), so every step serves every user.
 
 The loop's thread is also the answer path's only torch thread: the model is loaded there, and other
-OpenMP work (retrieval's search: embedding and FAISS; adapter swaps) is handed to it with ``call``.
-Every Python thread that runs a parallel op gets its own OpenMP team, and once a process holds more
-OpenMP threads than cores, libgomp stops spin-waiting between ops: generation on a second thread was
-1.15x slower (``python -m bench.torch_threads``). One exception remains: the periodic export's
-anonymizer scrub (light queue) runs MiniLM on its task thread; it is rare and short.
+OpenMP work (retrieval's search: embedding and FAISS; adapter swaps) is handed to it with ``call`` and
+runs between steps. Every Python thread that runs a parallel op gets its own OpenMP team, and once a
+process holds more OpenMP threads than cores, libgomp stops spin-waiting between ops: generation on a
+second thread was 1.15x slower (``python -m bench.torch_threads``). A call that changes the weights
+(``call(..., drain=True)``: an adapter swap) waits until the running requests are done, so an answer
+is made by one model version from its first token to its last. One exception remains: the periodic
+export's anonymizer scrub (light queue) runs MiniLM on its task thread; it is rare and short.
 """
 
 from __future__ import annotations
@@ -23,7 +21,6 @@ from __future__ import annotations
 import logging
 import queue
 import threading
-import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -31,6 +28,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from core.errors import GenerationTimeout, ModelError
+from model.engine import Request
 from model.runtime import Generation, LanguageModel
 from workers.observability import BATCH_SIZE, GENERATION_SECONDS
 
@@ -42,6 +40,8 @@ class _Request:
     messages: list[dict[str, str]]
     max_new_tokens: int | None
     future: Future[Generation]
+    engine_request: Request | None = None
+    abandoned: bool = False  # the caller stopped waiting: free its row at the next step
 
 
 T = TypeVar("T")
@@ -51,6 +51,7 @@ T = TypeVar("T")
 class _Call:
     fn: Callable[[], Any]
     future: Future[Any]
+    drain: bool = False
 
 
 class Batcher:
@@ -60,9 +61,6 @@ class Batcher:
         *,
         load: Callable[[], LanguageModel] | None = None,
         max_batch: int = 16,
-        gather_s: float = 0.01,
-        max_gather_s: float = 1.0,
-        gather_share: float = 0.1,
     ) -> None:
         if (model is None) == (load is None):
             raise ValueError("Batcher needs a model or a function that loads one")
@@ -71,15 +69,14 @@ class Batcher:
         self._loaded: Future[LanguageModel] = Future()
         if model is not None:
             self._loaded.set_result(model)
-        self.max_batch = max_batch
-        self.gather_s = gather_s  # short wait so requests arriving together share the first pass
-        self.max_gather_s = max_gather_s  # never wait longer than this for stragglers
-        self.gather_share = gather_share  # ...nor longer than this share of the last batch's time
+        self.max_batch = max_batch  # requests in the engine at once (at most the engine's own rows)
         self._requests: queue.Queue[_Request | _Call] = queue.Queue()
-        self._last_size = 0
-        self._last_seconds = 0.0
-        self.batches = 0
-        self.rows = 0
+        self._held: list[_Request] = []  # arrived while the engine was full or draining
+        self._draining: list[_Call] = []  # calls that change the weights, waiting for running requests
+        self._active: list[_Request] = []
+        self.steps = 0  # engine steps run
+        self.rows = 0  # requests answered
+        self.peak_rows = 0  # most requests decoded together in one step
         self._thread = threading.Thread(target=self._loop, name="batcher", daemon=True)
         self._thread.start()
 
@@ -92,13 +89,14 @@ class Batcher:
         """The model, once the loop's thread has loaded it (its loading error, if that failed)."""
         return self._loaded.result()
 
-    def call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        """Run ``fn`` on the torch thread, between batches, and return its result."""
+    def call(self, fn: Callable[..., T], *args: Any, drain: bool = False, **kwargs: Any) -> T:
+        """Run ``fn`` on the torch thread, between steps, and return its result. With ``drain`` it runs
+        once the running requests are done (for anything that changes the weights)."""
         if threading.current_thread() is self._thread:
             return fn(*args, **kwargs)
         self._check_alive()
         future: Future[T] = Future()
-        self._requests.put(_Call(lambda: fn(*args, **kwargs), future))
+        self._requests.put(_Call(lambda: fn(*args, **kwargs), future, drain))
         return future.result()
 
     def generate(
@@ -114,43 +112,44 @@ class Batcher:
             raise ModelError("generate() from the batcher's own thread would wait on itself")
         self._check_alive()
         future: Future[Generation] = Future()
-        self._requests.put(_Request(list(messages), max_new_tokens, future))
+        request = _Request(list(messages), max_new_tokens, future)
+        self._requests.put(request)
         try:
             return future.result(timeout=timeout_s)
         except FutureTimeout as err:
-            future.cancel()  # still queued: dropped from the next batch; already running: result ignored
+            request.abandoned = True  # queued: never started; running: its row is freed at the next step
+            future.cancel()
             raise GenerationTimeout(f"no answer within {timeout_s:g} s") from err
 
-    def gather_window(self) -> float:
-        """How long to wait for more requests after the first one of a batch arrived."""
-        if self._last_size <= 1:
-            return self.gather_s
-        return min(self.max_gather_s, max(self.gather_s, self.gather_share * self._last_seconds))
-
-    def _take_batch(self) -> list[_Request]:
-        first = self._requests.get()
-        while isinstance(first, _Call):
-            self._call(first)
-            first = self._requests.get()
-        batch = [first]
-        deadline = time.monotonic() + self.gather_window()
-        while len(batch) < self.max_batch:
+    def _take(self, block: bool) -> None:
+        """Move what arrived into the engine (or hold it); run plain calls at once."""
+        while True:
             try:
-                item = self._requests.get_nowait()  # whatever queued up during the last batch
+                item = self._requests.get() if block else self._requests.get_nowait()
             except queue.Empty:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    break
-                try:
-                    item = self._requests.get(timeout=left)
-                except queue.Empty:
-                    break
+                return
+            block = False
             if isinstance(item, _Call):
-                # Run now: a straggler's retrieval done in the gather window lets its prompt join this batch.
-                self._call(item)
+                if item.drain:
+                    self._draining.append(item)
+                else:
+                    self._call(item)
             else:
-                batch.append(item)
-        return [r for r in batch if r.future.set_running_or_notify_cancel()]
+                self._held.append(item)
+
+    def _admit(self) -> None:
+        engine = self.model.engine
+        while self._held and not self._draining and len(self._active) < min(self.max_batch, engine.max_batch):
+            item = self._held.pop(0)
+            if item.abandoned or not item.future.set_running_or_notify_cancel():
+                continue
+            try:
+                item.engine_request = self.model.request(item.messages, max_new_tokens=item.max_new_tokens)
+                engine.add(item.engine_request)
+            except BaseException as err:  # noqa: BLE001 - this caller gets it; the loop goes on
+                item.future.set_exception(err)
+                continue
+            self._active.append(item)
 
     @staticmethod
     def _call(call: _Call) -> None:
@@ -171,33 +170,37 @@ class Batcher:
             self._loaded.set_result(self.model)
         while True:
             try:
-                batch = self._take_batch()
-                if batch:
-                    self._run(batch)
+                self._take(block=not self._active and not self._held and not self._draining)
+                if self._draining and not self._active:
+                    for call in self._draining:
+                        self._call(call)
+                    self._draining.clear()
+                self._admit()
+                if self._active:
+                    self._step()
             except BaseException:  # the loop is every conversation's only way to the model: it must live
                 log.exception("batcher loop error")
 
-    def _run(self, batch: list[_Request]) -> None:
-        max_new = max((r.max_new_tokens or self.model.settings.max_new_tokens) for r in batch)
-        started = time.monotonic()
-        try:
-            results = self.model.generate([r.messages for r in batch], max_new_tokens=max_new)
-        except BaseException as err:  # each waiting request gets the error, the loop goes on
-            for r in batch:
-                r.future.set_exception(err)
+    def _step(self) -> None:
+        engine = self.model.engine
+        for item in [a for a in self._active if a.abandoned]:
+            engine.cancel(item.engine_request)  # type: ignore[arg-type]
+            self._active.remove(item)
+        if not self._active:
             return
-        seconds = time.monotonic() - started
-        self._last_size, self._last_seconds = len(batch), seconds
-        self.batches += 1
-        self.rows += len(batch)
-        BATCH_SIZE.observe(len(batch))
-        GENERATION_SECONDS.observe(seconds)
-        log.debug("generated a batch of %d in %.2f s", len(batch), seconds)
-        for r, result in zip(batch, results):
-            if result.timed_out and not result.text:
-                # The generation deadline passed before this row said anything: a clear timeout, not "".
-                r.future.set_exception(
-                    GenerationTimeout(f"no answer within {self.model.settings.generation_timeout_s:g} s")
-                )
-            else:
-                r.future.set_result(result)
+        with self.model._lock:
+            engine.step()
+        self.steps += 1
+        if engine.running:
+            BATCH_SIZE.observe(len(engine.running))
+            self.peak_rows = max(self.peak_rows, len(engine.running))
+        for item in [a for a in self._active if a.engine_request.done]:  # type: ignore[union-attr]
+            self._active.remove(item)
+            self.rows += 1
+            try:
+                result = self.model.result(item.engine_request)  # type: ignore[arg-type]
+            except BaseException as err:  # noqa: BLE001 - a clear timeout or model error for this caller
+                item.future.set_exception(err)
+                continue
+            GENERATION_SECONDS.observe(result.seconds)
+            item.future.set_result(result)

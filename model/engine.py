@@ -1,0 +1,551 @@
+"""The decode engine: continuous batching over a slot KV cache, shared-prefix reuse, chunked prefill.
+
+``transformers``' ``generate`` runs a batch from start to finish: a request that arrives one token
+after a batch started waits for the whole batch, every row is padded to the longest prompt, and every
+prompt is prefilled from scratch although all of them open with the same system prompt. This engine
+runs its own loop instead, one step at a time:
+
+- **Continuous batching**: each step decodes one token for every running request; a request joins
+  between steps once its prompt is prefilled and leaves as soon as it is done (end of text, its own
+  token limit, its own deadline), so nobody waits for the slowest member of a batch.
+- **Slot KV cache**: running requests own rows ``0..n-1`` of preallocated key/value buffers, each with
+  its own length (no padding, no per-step concatenation); a finished row is replaced by the last one.
+- **Prefix reuse**: the keys and values of a prompt's opening that the previous prompt shared (the
+  system prompt, or the same tickets) are kept, per model version, and copied instead of recomputed.
+  ``reload`` (a new adapter) drops them: they are only valid for the weights that made them.
+- **Chunked prefill**: a long prompt is prefilled ``prefill_chunk`` tokens per step, between decode
+  steps, so one long prompt does not stall the answers already streaming.
+
+The forward pass is written here for the Llama architecture (SmolLM2, Llama 3.x) on the model's own
+weights. On CPU the dense fp32 projections are fused (q/k/v, gate/up) and kept in the form the
+fastest kernel wants (``cpu_weights``: fp16 packed for fbgemm by default, or fp32 transposed; see
+``_Dense``). LoRA adapters are merged into those fused copies. Any other layer (NF4 4-bit, or any
+device but the CPU) is called as the module it is, adapter included, so the GPU path runs this same
+loop with the GPU's own kernels.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How the next token is picked, and what the small-model loop guards forbid."""
+
+    temperature: float = 0.0
+    top_k: int = 50
+    repetition_penalty: float = 1.0
+    no_repeat_ngram_size: int = 0
+
+
+@dataclass(eq=False)
+class Request:
+    """One prompt in the engine. ``on_token`` is called with every new token id as it is made."""
+
+    ids: list[int]
+    max_new_tokens: int
+    deadline: float
+    min_new_tokens: int = 0
+    on_token: Callable[[int], None] | None = None
+    generated: list[int] = field(default_factory=list)
+    timed_out: bool = False
+    done: bool = False
+    error: BaseException | None = None
+    reused_prefix: int = 0  # prompt tokens whose keys and values came from the prefix cache
+    started: float = field(default_factory=time.monotonic)
+    finished: float | None = None
+    _prefilled: int = 0
+    _seen: torch.Tensor | None = None  # token ids already in the text (repetition penalty)
+    _ngrams: dict[tuple[int, ...], set[int]] = field(default_factory=dict)
+
+
+class _Dense:
+    """A fused projection for the CPU: ``x @ W.T`` with the weight stored as the fastest kernel here
+    wants it. fp32: transposed, so one-row products stream it (1.5x ``F.linear``'s layout). fp16:
+    packed for fbgemm's fp16-weight, fp32-activation GEMM, which reads half the bytes and is 1.8x
+    (one row) to 3.3x (four rows) faster than fp32 on this AVX2 CPU (``python -m bench.answer_latency``)."""
+
+    def __init__(self, weight: torch.Tensor, *, half: bool) -> None:
+        self.out_features, self.in_features = weight.shape
+        self.half = half
+        if half:
+            self.packed = torch.fbgemm_pack_gemm_matrix_fp16(weight.float().contiguous())
+        else:
+            self.weight_t = weight.t().contiguous()
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.half:
+            return x @ self.weight_t
+        flat = x.reshape(-1, self.in_features)
+        out = torch.fbgemm_linear_fp16_weight_fp32_activation(flat, self.packed, None)
+        return out.view(*x.shape[:-1], self.out_features)
+
+    @property
+    def nbytes(self) -> int:
+        return self.out_features * self.in_features * (2 if self.half else 4)
+
+
+def fp16_kernels_available() -> bool:
+    return "fbgemm" in torch.backends.quantized.supported_engines
+
+
+class _Layer:
+    """One decoder layer's weights in the form the forward pass uses."""
+
+    def __init__(self, layer: Any, *, fuse: bool, half: bool = False) -> None:
+        attn, mlp = layer.self_attn, layer.mlp
+        self.norm1 = layer.input_layernorm.weight
+        self.norm2 = layer.post_attention_layernorm.weight
+        self.eps = layer.input_layernorm.variance_epsilon
+        self.qkv: _Dense | None = None
+        self.gate_up: _Dense | None = None
+        self.o: _Dense | None = None
+        self.down: _Dense | None = None
+        self.modules = (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj,
+                        mlp.down_proj)
+        dense = [_dense_weight(m) for m in self.modules]
+        if fuse and all(w is not None for w in dense):
+            q, k, v, o, gate, up, down = dense
+            self.qkv = _Dense(torch.cat([q, k, v]), half=half)  # type: ignore[list-item]
+            self.o = _Dense(o, half=half)  # type: ignore[arg-type]
+            self.gate_up = _Dense(torch.cat([gate, up]), half=half)  # type: ignore[list-item]
+            self.down = _Dense(down, half=half)  # type: ignore[arg-type]
+        self.act = mlp.act_fn
+
+
+def _dense_weight(module: Any) -> torch.Tensor | None:
+    """The weight a projection really applies (base plus merged LoRA delta), or None when it is not a
+    plain dense matrix (4-bit, or a layer type this code does not know)."""
+    base = getattr(module, "base_layer", None)
+    if base is None:
+        if type(module) is torch.nn.Linear and module.bias is None:
+            return module.weight.detach()
+        return None
+    if type(base) is not torch.nn.Linear or base.bias is not None or getattr(module, "merged", False):
+        return None
+    weight = base.weight.detach()
+    for name in module.active_adapters:
+        if name in getattr(module, "lora_A", {}):
+            weight = weight + module.get_delta_weight(name).to(weight.dtype)
+    return weight
+
+
+class Engine:
+    """Continuous batching for one Llama model. Not thread-safe: one thread calls ``step``."""
+
+    def __init__(
+        self,
+        model: Any,
+        *,
+        eos_ids: set[int],
+        sampling: Sampling,
+        max_batch: int = 16,
+        cpu_weights: str = "fp16",
+        prefill_chunk: int = 128,
+        prefix_cache: int = 8,
+        min_prefix: int = 16,
+    ) -> None:
+        self.model = model
+        self.eos_ids = eos_ids
+        self.sampling = sampling
+        self.max_batch = max_batch
+        self.cpu_weights = cpu_weights
+        self.prefill_chunk = prefill_chunk
+        self.prefix_slots = prefix_cache
+        self.min_prefix = min_prefix
+        self.running: list[Request] = []
+        self.waiting: list[Request] = []
+        self.prefix_hits = 0
+        self.prefix_tokens_reused = 0
+        self.steps = 0
+        self._prefixes: OrderedDict[tuple[int, ...], list[tuple[torch.Tensor, torch.Tensor]]] = OrderedDict()
+        self._last_ids: list[int] = []
+        self.reload()
+
+    # --- weights ----------------------------------------------------------------------------------
+    def reload(self) -> None:
+        """Take the model's current weights (call after an adapter change): fused copies are rebuilt
+        and cached prefixes dropped, since their keys and values came from the old weights."""
+        inner = self.model
+        if hasattr(inner, "get_base_model"):  # a PeftModel
+            inner = inner.get_base_model()
+        self.causal = inner
+        core = inner.model
+        config = inner.config
+        self.device = core.embed_tokens.weight.device
+        self.dtype = core.embed_tokens.weight.dtype if core.embed_tokens.weight.is_floating_point() else torch.float32
+        fuse = self.device.type == "cpu" and self.dtype == torch.float32
+        half = fuse and self.cpu_weights == "fp16" and fp16_kernels_available()
+        self.half = half
+        with torch.no_grad():
+            self.layers = [_Layer(layer, fuse=fuse, half=half) for layer in core.layers]
+            self.embed = core.embed_tokens
+            self.norm = core.norm.weight
+            self.norm_eps = core.norm.variance_epsilon
+            head = _dense_weight(inner.lm_head) if fuse else None
+            self.head_t = _Dense(head, half=half) if head is not None else None
+            self.head = inner.lm_head
+        self.heads = config.num_attention_heads
+        self.kv_heads = config.num_key_value_heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
+        self.scaling = self.head_dim**-0.5
+        rotary = core.rotary_emb
+        self.inv_freq = rotary.inv_freq.to(self.device, torch.float32)
+        self.rope_scale = float(getattr(rotary, "attention_scaling", 1.0))
+        self._cos = self._sin = torch.empty(0)
+        self._capacity = 0
+        self._keys: list[torch.Tensor] = []
+        self._values: list[torch.Tensor] = []
+        self._prefixes.clear()
+        self._last_ids = []
+
+    # --- requests ---------------------------------------------------------------------------------
+    def add(self, request: Request) -> None:
+        if not request.ids:
+            raise ValueError("empty prompt")
+        request._seen = torch.tensor(sorted(set(request.ids)), dtype=torch.long, device=self.device)
+        n = self.sampling.no_repeat_ngram_size
+        if n > 0:
+            for i in range(len(request.ids) - n + 1):
+                gram = request.ids[i : i + n]
+                request._ngrams.setdefault(tuple(gram[:-1]), set()).add(gram[-1])
+        self.waiting.append(request)
+
+    def cancel(self, request: Request) -> None:
+        """Stop a request between steps (its caller gave up); its slot is freed at once."""
+        if request in self.waiting:
+            self.waiting.remove(request)
+            request.done = True
+        elif request in self.running:
+            self._finish(self.running.index(request))
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.running or self.waiting)
+
+    def run(self, requests: Sequence[Request]) -> None:
+        """Add the requests and step until all of them are done (the synchronous path)."""
+        for r in requests:
+            self.add(r)
+        while any(not r.done for r in requests):
+            self.step()
+
+    def step(self) -> list[Request]:
+        """One prefill chunk (for the oldest waiting request, when a slot is free) and one decode step
+        for every running request. Returns the requests that finished in this step."""
+        finished: list[Request] = []
+        with torch.inference_mode():
+            now = time.monotonic()
+            for r in list(self.waiting):
+                if now >= r.deadline:  # never started: it timed out in the queue
+                    self.waiting.remove(r)
+                    r.timed_out = r.done = True
+                    r.finished = now
+                    finished.append(r)
+            if self.waiting and len(self.running) < self.max_batch:
+                r = self.waiting[0]
+                try:
+                    joined = self._prefill(r)
+                except Exception as err:  # noqa: BLE001 - this request fails, the others go on
+                    self.waiting.remove(r)
+                    r.error, r.done, r.finished = err, True, time.monotonic()
+                    finished.append(r)
+                else:
+                    if joined:
+                        self.waiting.remove(r)
+                        finished.extend(self._after_token([r]))
+            if self.running:
+                before = list(self.running)
+                try:
+                    self._decode()
+                except Exception as err:  # noqa: BLE001 - every running request gets the error; the engine goes on
+                    now = time.monotonic()
+                    for r in before:
+                        r.error, r.done, r.finished = err, True, now
+                    self.running.clear()
+                    finished.extend(before)
+                else:
+                    finished.extend(self._after_token(before))
+        self.steps += 1
+        return finished
+
+    # --- the loop's parts -------------------------------------------------------------------------
+    def _after_token(self, rows: list[Request]) -> list[Request]:
+        """Check stop conditions for requests that just got a token; drop the finished ones."""
+        done = []
+        now = time.monotonic()
+        for r in rows:
+            last = r.generated[-1]
+            if last in self.eos_ids and len(r.generated) > r.min_new_tokens:
+                r.generated.pop()
+                done.append(r)
+            elif len(r.generated) >= r.max_new_tokens:
+                done.append(r)
+            elif now >= r.deadline:
+                r.timed_out = True
+                done.append(r)
+            if r.on_token is not None and r.generated and r.generated[-1] == last and last not in self.eos_ids:
+                r.on_token(last)
+        for r in done:
+            if r in self.running:
+                self._finish(self.running.index(r))
+            r.done, r.finished = True, now
+        return done
+
+    def _finish(self, row: int) -> None:
+        """Free a running row: the last running row moves into its slot, so rows stay 0..n-1."""
+        last = len(self.running) - 1
+        r = self.running[row]
+        if row != last:
+            moved = self.running[last]
+            n = self._length(moved)
+            for keys, values in zip(self._keys, self._values):
+                keys[row, :, :n] = keys[last, :, :n]
+                values[row, :, :n] = values[last, :, :n]
+            self.running[row] = moved
+        self.running.pop()
+        r.done = True
+
+    @staticmethod
+    def _length(r: Request) -> int:
+        """Tokens of ``r`` in the cache: the prompt and every generated token but the last (its keys
+        and values are written by the next decode step)."""
+        return len(r.ids) + len(r.generated) - 1
+
+    def _ensure_capacity(self, tokens: int) -> None:
+        """Key/value buffers for ``max_batch`` rows plus one staging row (the prefill), grown by doubling."""
+        if tokens <= self._capacity:
+            return
+        capacity = max(256, 1 << math.ceil(math.log2(tokens)))
+        shape = (self.max_batch + 1, self.kv_heads, capacity, self.head_dim)
+        keys = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.layers]
+        values = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.layers]
+        for old, new in zip(self._keys + self._values, keys + values):
+            new[:, :, : self._capacity] = old
+        self._keys, self._values, self._capacity = keys, values, capacity
+        positions = torch.arange(capacity, device=self.device, dtype=torch.float32)
+        freqs = torch.outer(positions, self.inv_freq)
+        emb = torch.cat([freqs, freqs], dim=-1)
+        self._cos = (emb.cos() * self.rope_scale).to(self.dtype)
+        self._sin = (emb.sin() * self.rope_scale).to(self.dtype)
+
+    def _prefill(self, r: Request) -> bool:
+        """Prefill the next chunk of ``r`` in the staging row; True once its first token is made and it
+        has joined the running rows."""
+        stage = self.max_batch
+        self._ensure_capacity(len(r.ids) + r.max_new_tokens)
+        if r._prefilled == 0:
+            r.started = time.monotonic()
+            reused = self._reuse_prefix(r.ids)
+            if reused:
+                r.reused_prefix = r._prefilled = reused
+        start = r._prefilled
+        end = min(len(r.ids), start + self.prefill_chunk)
+        ids = torch.tensor([r.ids[start:end]], device=self.device)
+        logits = self._forward(ids, rows=[stage], starts=[start], last_only=True)
+        r._prefilled = end
+        if end < len(r.ids):
+            return False
+        self._remember_prefix(r.ids)
+        row = len(self.running)
+        n = len(r.ids)
+        for keys, values in zip(self._keys, self._values):
+            keys[row, :, :n] = keys[stage, :, :n]
+            values[row, :, :n] = values[stage, :, :n]
+        self.running.append(r)
+        r.generated.append(self._pick(logits, [r])[0])
+        return True
+
+    def _reuse_prefix(self, ids: list[int]) -> int:
+        """Copy the longest cached prefix of ``ids`` (leaving at least one token to prefill) into the
+        staging row; returns its length."""
+        best: tuple[int, ...] | None = None
+        for prefix in self._prefixes:
+            n = len(prefix)
+            if n < len(ids) and (best is None or n > len(best)) and tuple(ids[:n]) == prefix:
+                best = prefix
+        if best is None:
+            return 0
+        self._prefixes.move_to_end(best)
+        stage, n = self.max_batch, len(best)
+        for (pk, pv), keys, values in zip(self._prefixes[best], self._keys, self._values):
+            keys[stage, :, :n] = pk
+            values[stage, :, :n] = pv
+        self.prefix_hits += 1
+        self.prefix_tokens_reused += n
+        return n
+
+    def _remember_prefix(self, ids: list[int]) -> None:
+        """Keep the opening this prompt shares with the previous one (prompts open with the same
+        instructions, and often the same tickets), from the staging row it was just prefilled in."""
+        previous, self._last_ids = self._last_ids, ids
+        if self.prefix_slots <= 0:
+            return
+        n = 0
+        for a, b in zip(previous, ids):
+            if a != b:
+                break
+            n += 1
+        n = min(n, len(ids) - 1)
+        key = tuple(ids[:n])
+        if n < self.min_prefix or key in self._prefixes:
+            return
+        stage = self.max_batch
+        self._prefixes[key] = [(k[stage, :, :n].clone(), v[stage, :, :n].clone())
+                               for k, v in zip(self._keys, self._values)]
+        while len(self._prefixes) > self.prefix_slots:
+            self._prefixes.popitem(last=False)
+
+    def weight_bytes(self) -> int:
+        """Bytes of weights one decode step reads (what its memory-bandwidth bound is made of)."""
+        total = 0
+        for layer in self.layers:
+            if layer.qkv is not None:
+                total += sum(d.nbytes for d in (layer.qkv, layer.o, layer.gate_up, layer.down))  # type: ignore[union-attr]
+            else:
+                total += sum(p.numel() * p.element_size() for m in layer.modules for p in m.parameters())
+            total += (layer.norm1.numel() + layer.norm2.numel()) * 4
+        if self.head_t is not None:
+            total += self.head_t.nbytes
+        else:
+            total += sum(p.numel() * p.element_size() for p in self.head.parameters())
+        return total
+
+    def _decode(self) -> None:
+        rows = self.running
+        ids = torch.tensor([[r.generated[-1]] for r in rows], device=self.device)
+        starts = [self._length(r) for r in rows]
+        logits = self._forward(ids, rows=list(range(len(rows))), starts=starts, last_only=True)
+        for r, token in zip(rows, self._pick(logits, rows)):
+            r.generated.append(token)
+
+    # --- the forward pass -------------------------------------------------------------------------
+    def _forward(self, ids: torch.Tensor, *, rows: list[int], starts: list[int], last_only: bool) -> torch.Tensor:
+        """Logits for ``ids`` ([batch, t]): row ``i`` continues cache row ``rows[i]`` at position
+        ``starts[i]``. Either one row with t tokens (prefill) or many rows with one token (decode)."""
+        batch, t = ids.shape
+        hidden = self.embed(ids).to(self.dtype)
+        if t > 1:
+            positions = torch.arange(starts[0], starts[0] + t, device=self.device)[None]
+        else:
+            positions = torch.tensor(starts, device=self.device)[:, None]
+        cos = self._cos[positions][:, None]  # [batch, 1, t, dim]
+        sin = self._sin[positions][:, None]
+        width = max(starts) + t
+        if t > 1:
+            mask = None  # one row: causal within the chunk, everything before it visible
+            causal = torch.ones(t, width, dtype=torch.bool, device=self.device).tril(diagonal=starts[0])
+            mask = causal[None, None]
+        else:
+            lengths = torch.tensor(starts, device=self.device) + 1
+            mask = (torch.arange(width, device=self.device)[None] < lengths[:, None])[:, None, None]
+        contiguous = rows == list(range(rows[0], rows[0] + batch))
+        select = slice(rows[0], rows[0] + batch) if contiguous else torch.tensor(rows, device=self.device)
+        q_size = self.heads * self.head_dim
+        kv_size = self.kv_heads * self.head_dim
+        for layer, keys, values in zip(self.layers, self._keys, self._values):
+            x = F.rms_norm(hidden, (hidden.shape[-1],), layer.norm1, layer.eps)
+            if layer.qkv is not None:
+                qkv = layer.qkv(x)
+                q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
+            else:
+                q, k, v = (m(x) for m in layer.modules[:3])
+            q = q.view(batch, t, self.heads, self.head_dim).transpose(1, 2)
+            k = k.view(batch, t, self.kv_heads, self.head_dim).transpose(1, 2)
+            v = v.view(batch, t, self.kv_heads, self.head_dim).transpose(1, 2)
+            q = q * cos + _rotate_half(q) * sin
+            k = k * cos + _rotate_half(k) * sin
+            if t > 1:
+                keys[rows[0], :, starts[0] : starts[0] + t] = k[0]
+                values[rows[0], :, starts[0] : starts[0] + t] = v[0]
+            else:
+                index = torch.tensor(starts, device=self.device)
+                row_index = torch.tensor(rows, device=self.device)
+                keys[row_index, :, index] = k[:, :, 0]
+                values[row_index, :, index] = v[:, :, 0]
+            if t > 1:
+                attn = F.scaled_dot_product_attention(
+                    q, keys[select, :, :width], values[select, :, :width], attn_mask=mask, scale=self.scaling,
+                    enable_gqa=self.kv_heads != self.heads,
+                )
+                attn = attn.transpose(1, 2).reshape(batch, t, q_size)
+            else:
+                # One query per row: two small batched products over the rows' own cache slices. On the
+                # CPU this is 4x faster than sdpa, which copies the strided cache slices first.
+                grouped = q.reshape(batch, self.kv_heads, self.heads // self.kv_heads, self.head_dim)
+                scores = grouped @ keys[select, :, :width].transpose(-1, -2) * self.scaling
+                scores = scores.masked_fill(~mask, -math.inf).softmax(-1)
+                attn = (scores @ values[select, :, :width]).reshape(batch, t, q_size)
+            hidden = hidden + (layer.o(attn) if layer.o is not None else layer.modules[3](attn))
+            x = F.rms_norm(hidden, (hidden.shape[-1],), layer.norm2, layer.eps)
+            if layer.gate_up is not None:
+                gate, up = layer.gate_up(x).chunk(2, dim=-1)
+                hidden = hidden + layer.down(layer.act(gate) * up)  # type: ignore[misc]
+            else:
+                gate_proj, up_proj, down_proj = layer.modules[4:]
+                hidden = hidden + down_proj(layer.act(gate_proj(x)) * up_proj(x))
+        if last_only:
+            hidden = hidden[:, -1]
+        hidden = F.rms_norm(hidden, (hidden.shape[-1],), self.norm, self.norm_eps)
+        logits = self.head_t(hidden) if self.head_t is not None else self.head(hidden)
+        return logits.float()
+
+    # --- picking tokens ---------------------------------------------------------------------------
+    def _pick(self, logits: torch.Tensor, rows: list[Request]) -> list[int]:
+        """The next token per row: repetition penalty and banned n-grams as ``generate`` applies them,
+        then greedy or temperature sampling."""
+        s = self.sampling
+        if s.repetition_penalty != 1.0:
+            for i, r in enumerate(rows):
+                seen = r._seen
+                scores = logits[i, seen]
+                logits[i, seen] = torch.where(scores < 0, scores * s.repetition_penalty, scores / s.repetition_penalty)
+        n = s.no_repeat_ngram_size
+        for i, r in enumerate(rows):
+            if n > 0:
+                text = r.ids + r.generated
+                if len(text) >= n - 1:
+                    banned = r._ngrams.get(tuple(text[len(text) - (n - 1):]) if n > 1 else (), ())
+                    if banned:
+                        logits[i, list(banned)] = -math.inf
+            if len(r.generated) < r.min_new_tokens:
+                logits[i, list(self.eos_ids)] = -math.inf
+        if s.temperature > 0:
+            scaled = logits / s.temperature
+            if s.top_k > 0:
+                kth = scaled.topk(min(s.top_k, scaled.shape[-1]), dim=-1).values[:, -1:]
+                scaled = scaled.masked_fill(scaled < kth, -math.inf)
+            tokens = torch.multinomial(scaled.softmax(-1), 1)[:, 0].tolist()
+        else:
+            tokens = logits.argmax(-1).tolist()
+        for r, token in zip(rows, tokens):
+            self._note(r, token)
+        return tokens
+
+    def _note(self, r: Request, token: int) -> None:
+        """Remember a new token for the penalty and the n-gram ban of the following steps."""
+        if r._seen is not None and not bool((r._seen == token).any()):
+            r._seen = torch.cat([r._seen, torch.tensor([token], device=self.device)])
+        n = self.sampling.no_repeat_ngram_size
+        if n > 0:
+            text = r.ids + r.generated + [token]
+            if len(text) >= n:
+                gram = text[-n:]
+                r._ngrams.setdefault(tuple(gram[:-1]), set()).add(gram[-1])
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)

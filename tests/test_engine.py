@@ -1,0 +1,143 @@
+"""The decode engine on the real embedded model: its forward pass against transformers', continuous
+batching against requests run alone, prefix reuse, and the prefix cache against adapter changes."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+from model.prompt import build_messages
+
+QUESTIONS = [
+    "Our printer keeps jamming on every page and shows error E-502. What should I do?",
+    "The VPN disconnects every few minutes when I work from home.",
+    "My laptop dock does not detect the external monitors.",
+    "Wi-Fi keeps dropping in the meeting room.",
+    "The badge reader at the warehouse door shows a red light.",
+]
+
+
+@pytest.fixture(scope="module")
+def lm():
+    from core.settings import load_settings
+    from model.runtime import LanguageModel
+
+    return LanguageModel(load_settings(max_new_tokens=24))
+
+
+def _request(lm, question: str, max_new: int = 24):  # type: ignore[no-untyped-def]
+    from model.engine import Request
+
+    return Request(ids=lm.render(build_messages(question=question)), max_new_tokens=max_new,
+                   deadline=time.monotonic() + 600)
+
+
+def _engine(lm, **kwargs):  # type: ignore[no-untyped-def]
+    from model.engine import Engine
+
+    return Engine(lm.model, eos_ids=lm._eos_ids(), sampling=lm.sampling(), **kwargs)
+
+
+def test_forward_matches_transformers(lm):
+    import torch
+
+    ids = lm.render(build_messages(question=QUESTIONS[0]))
+    with torch.inference_mode():
+        reference = lm.model(input_ids=torch.tensor([ids])).logits[0, -1]
+    # fp32 weights: the same numbers as transformers' forward (several chunks: the boundaries count too).
+    # fp16 weights (the CPU default): within fp16 rounding, and the same greedy token.
+    for weights, tolerance in (("fp32", 1e-3), ("fp16", 0.1)):
+        engine = _engine(lm, prefill_chunk=32, cpu_weights=weights)
+        with torch.inference_mode():
+            engine._ensure_capacity(len(ids))
+            ours = engine._forward(torch.tensor([ids]), rows=[engine.max_batch], starts=[0], last_only=True)[0]
+        assert torch.allclose(ours, reference, atol=tolerance), (weights, (ours - reference).abs().max())
+        assert int(ours.argmax()) == int(reference.argmax())
+        # Decoding goes through the one-query attention path: check it against a full forward too.
+        request = _request(lm, QUESTIONS[0], max_new=4)
+        engine.run([request])
+        with torch.inference_mode():
+            full = lm.model(input_ids=torch.tensor([ids + request.generated[:3]])).logits[0, -1]
+            step = engine._forward(torch.tensor([ids + request.generated[:3]]), rows=[engine.max_batch], starts=[0],
+                                   last_only=True)[0]
+        assert torch.allclose(step, full, atol=tolerance)
+
+
+def test_continuous_batching_gives_each_request_its_text_alone(lm):
+    alone = []
+    for q in QUESTIONS:
+        engine = _engine(lm, prefix_cache=0)
+        r = _request(lm, q)
+        engine.run([r])
+        alone.append(r.generated)
+    assert all(alone)
+
+    # Requests join while others are decoding (one every third step) and leave when they are done.
+    engine = _engine(lm, prefill_chunk=64)
+    requests = [_request(lm, q) for q in QUESTIONS]
+    pending = list(requests)
+    peak = 0
+    while any(not r.done for r in requests):
+        if pending and engine.steps % 3 == 0:
+            engine.add(pending.pop(0))
+        engine.step()
+        peak = max(peak, len(engine.running))
+    assert peak > 1  # they really shared decode steps
+    # The opening two prompts share is found when the second is prefilled; every later one reuses it.
+    assert engine.prefix_hits == len(QUESTIONS) - 2
+    assert [r.generated for r in requests] == alone
+
+
+def test_a_request_leaves_at_its_own_limit_and_deadline(lm):
+    engine = _engine(lm)
+    short, long_ = _request(lm, QUESTIONS[0], max_new=3), _request(lm, QUESTIONS[1], max_new=20)
+    late = _request(lm, QUESTIONS[2], max_new=20)
+    late.deadline = time.monotonic() - 1  # its caller's time is up before it starts
+    engine.run([short, long_, late])
+    assert len(short.generated) == 3 and not short.timed_out
+    assert long_.done and len(long_.generated) > 3
+    assert late.timed_out and late.generated == []
+    assert not engine.running and not engine.waiting
+
+
+def test_prefix_cache_is_dropped_when_the_adapter_changes(lm, tmp_path: Path):
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from core.settings import load_settings
+    from model.runtime import LanguageModel
+
+    model = LanguageModel(load_settings(max_new_tokens=12))
+    prompt = build_messages(question=QUESTIONS[0])
+    model.generate([prompt])
+    model.generate([build_messages(question=QUESTIONS[1])])  # shares the system prompt: a prefix is kept
+    assert model.engine._prefixes
+
+    # An adapter that really changes the model (a fresh LoRA's B is zero, which would change nothing).
+    peft_model = get_peft_model(model.model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.05)
+    adapter = tmp_path / "adapter"
+    peft_model.save_pretrained(adapter)
+    model.model = peft_model.unload()
+
+    model.use_adapter(str(adapter))
+    assert not model.engine._prefixes  # keys and values of the old weights are gone
+    with_adapter = model.generate([prompt])[0].text
+
+    fresh = LanguageModel(load_settings(max_new_tokens=12, adapter=str(adapter)))
+    assert fresh.generate([prompt])[0].text == with_adapter  # same text as a model loaded with the adapter
+    exact = _engine(fresh, cpu_weights="fp32")
+    with torch.inference_mode():
+        ids = torch.tensor([fresh.render(prompt)])
+        reference = fresh.model(input_ids=ids).logits[0, -1]  # peft's own forward, LoRA unmerged
+        exact._ensure_capacity(ids.shape[1])
+        ours = exact._forward(ids, rows=[exact.max_batch], starts=[0], last_only=True)[0]
+    assert torch.allclose(ours, reference, atol=1e-3)  # the merged LoRA in the fused weights is right
+
+    model.use_adapter(None)
+    assert not model.engine._prefixes
