@@ -60,7 +60,9 @@ class ModeResult:
     regenerated: int = 0
     failed: int = 0
     latencies_s: list[float] = field(default_factory=list)
-    mean_batch: float | None = None
+    mean_batch: float | None = None  # rows per engine step
+    mean_generation_s: float | None = None  # per request, in the engine
+    mean_stored_to_answered_s: float | None = None  # the worker's view: question stored -> answer stored
 
     @property
     def per_minute(self) -> float:
@@ -87,6 +89,8 @@ class ModeResult:
             "p95_s": _round(self.percentile(0.95)),
             "answers_per_min": round(self.per_minute, 2),
             "mean_batch": _round(self.mean_batch),
+            "mean_generation_s": _round(self.mean_generation_s),
+            "mean_stored_to_answered_s": _round(self.mean_stored_to_answered_s),
         }
 
 
@@ -133,18 +137,22 @@ def _wait_ready(db, proc: subprocess.Popen[bytes], name: str, log: Path, timeout
     raise SystemExit(f"worker not ready after {timeout:g} s:\n{log.read_text()[-3000:]}")
 
 
-def _mean_batch(port: int) -> float | None:
+def _histogram_means(port: int, names: tuple[str, ...]) -> dict[str, float | None]:
+    """Means of the worker's own Prometheus histograms (sum / count)."""
     try:
         text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
     except OSError:
-        return None
+        return dict.fromkeys(names)
     values = {}
     for line in text.splitlines():
-        for key in ("supportbot_batch_size_sum", "supportbot_batch_size_count"):
-            if line.startswith(key + " "):
-                values[key] = float(line.split()[1])
-    count = values.get("supportbot_batch_size_count")
-    return values["supportbot_batch_size_sum"] / count if count else None
+        parts = line.split()
+        if len(parts) == 2:
+            values[parts[0]] = float(parts[1])
+    means: dict[str, float | None] = {}
+    for name in names:
+        count = values.get(f"{name}_count")
+        means[name] = values[f"{name}_sum"] / count if count else None
+    return means
 
 
 def run_mode(args: argparse.Namespace, concurrency: int, folder: Path, broker_url: str | None) -> ModeResult:
@@ -249,7 +257,11 @@ def run_mode(args: argparse.Namespace, concurrency: int, folder: Path, broker_ur
             t.start()
         for t in threads:
             t.join(args.seconds + args.drain_s + 60)
-        result.mean_batch = _mean_batch(metrics_port)
+        means = _histogram_means(metrics_port, ("supportbot_batch_size", "supportbot_generation_seconds",
+                                                "supportbot_answer_latency_seconds"))
+        result.mean_batch = means["supportbot_batch_size"]
+        result.mean_generation_s = means["supportbot_generation_seconds"]
+        result.mean_stored_to_answered_s = means["supportbot_answer_latency_seconds"]
         with db.session() as session:
             questions = session.scalars(
                 select(Message).where(

@@ -63,12 +63,14 @@ class Request:
     timed_out: bool = False
     done: bool = False
     error: BaseException | None = None
+    keep_prefix: int = 0  # this many opening tokens are worth keeping for later prompts (the system turn)
     reused_prefix: int = 0  # prompt tokens whose keys and values came from the prefix cache
     started: float = field(default_factory=time.monotonic)
     finished: float | None = None
     _prefilled: int = 0
-    _seen: torch.Tensor | None = None  # token ids already in the text (repetition penalty)
+    _seen: torch.Tensor | None = None  # vocabulary mask of tokens already in the text (repetition penalty)
     _ngrams: dict[tuple[int, ...], set[int]] = field(default_factory=dict)
+    _tail: tuple[int, ...] = ()  # the last n-1 tokens: the start of the n-gram the next token completes
 
 
 class _Dense:
@@ -197,6 +199,7 @@ class Engine:
             head = _dense_weight(inner.lm_head) if fuse else None
             self.head_t = _Dense(head, half=half) if head is not None else None
             self.head = inner.lm_head
+        self.vocab = int(self.head.weight.shape[0]) if hasattr(self.head, "weight") else config.vocab_size
         self.heads = config.num_attention_heads
         self.kv_heads = config.num_key_value_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
@@ -215,12 +218,14 @@ class Engine:
     def add(self, request: Request) -> None:
         if not request.ids:
             raise ValueError("empty prompt")
-        request._seen = torch.tensor(sorted(set(request.ids)), dtype=torch.long, device=self.device)
+        request._seen = torch.zeros(self.vocab, dtype=torch.bool, device=self.device)
+        request._seen[torch.tensor(request.ids, device=self.device)] = True
         n = self.sampling.no_repeat_ngram_size
         if n > 0:
             for i in range(len(request.ids) - n + 1):
                 gram = request.ids[i : i + n]
                 request._ngrams.setdefault(tuple(gram[:-1]), set()).add(gram[-1])
+            request._tail = tuple(request.ids[-(n - 1):]) if n > 1 else ()
         self.waiting.append(request)
 
     def cancel(self, request: Request) -> None:
@@ -358,7 +363,7 @@ class Engine:
         r._prefilled = end
         if end < len(r.ids):
             return False
-        self._remember_prefix(r.ids)
+        self._remember_prefix(r.ids, r.keep_prefix)
         row = len(self.running)
         n = len(r.ids)
         for keys, values in zip(self._keys, self._values):
@@ -387,26 +392,28 @@ class Engine:
         self.prefix_tokens_reused += n
         return n
 
-    def _remember_prefix(self, ids: list[int]) -> None:
-        """Keep the opening this prompt shares with the previous one (prompts open with the same
-        instructions, and often the same tickets), from the staging row it was just prefilled in."""
+    def _remember_prefix(self, ids: list[int], keep: int = 0) -> None:
+        """Keep openings worth reusing, from the staging row the prompt was just prefilled in: the one
+        its caller marked (the system turn: instructions and tickets, which the same problem asked again
+        will share) and the one it shares with the previous prompt (at least the instructions)."""
         previous, self._last_ids = self._last_ids, ids
         if self.prefix_slots <= 0:
             return
-        n = 0
+        shared = 0
         for a, b in zip(previous, ids):
             if a != b:
                 break
-            n += 1
-        n = min(n, len(ids) - 1)
-        key = tuple(ids[:n])
-        if n < self.min_prefix or key in self._prefixes:
-            return
-        stage = self.max_batch
-        self._prefixes[key] = [(k[stage, :, :n].clone(), v[stage, :, :n].clone())
-                               for k, v in zip(self._keys, self._values)]
-        while len(self._prefixes) > self.prefix_slots:
-            self._prefixes.popitem(last=False)
+            shared += 1
+        for n in {shared, keep}:
+            n = min(n, len(ids) - 1)
+            key = tuple(ids[:n])
+            if n < self.min_prefix or key in self._prefixes:
+                continue
+            stage = self.max_batch
+            self._prefixes[key] = [(k[stage, :, :n].clone(), v[stage, :, :n].clone())
+                                   for k, v in zip(self._keys, self._values)]
+            while len(self._prefixes) > self.prefix_slots:
+                self._prefixes.popitem(last=False)
 
     def weight_bytes(self) -> int:
         """Bytes of weights one decode step reads (what its memory-bandwidth bound is made of)."""
@@ -508,18 +515,15 @@ class Engine:
         then greedy or temperature sampling."""
         s = self.sampling
         if s.repetition_penalty != 1.0:
-            for i, r in enumerate(rows):
-                seen = r._seen
-                scores = logits[i, seen]
-                logits[i, seen] = torch.where(scores < 0, scores * s.repetition_penalty, scores / s.repetition_penalty)
+            seen = torch.stack([r._seen for r in rows])  # type: ignore[misc]
+            penalized = torch.where(logits < 0, logits * s.repetition_penalty, logits / s.repetition_penalty)
+            logits = torch.where(seen[:, : logits.shape[-1]], penalized, logits)
         n = s.no_repeat_ngram_size
         for i, r in enumerate(rows):
             if n > 0:
-                text = r.ids + r.generated
-                if len(text) >= n - 1:
-                    banned = r._ngrams.get(tuple(text[len(text) - (n - 1):]) if n > 1 else (), ())
-                    if banned:
-                        logits[i, list(banned)] = -math.inf
+                banned = r._ngrams.get(r._tail)
+                if banned:
+                    logits[i, list(banned)] = -math.inf
             if len(r.generated) < r.min_new_tokens:
                 logits[i, list(self.eos_ids)] = -math.inf
         if s.temperature > 0:
@@ -536,14 +540,12 @@ class Engine:
 
     def _note(self, r: Request, token: int) -> None:
         """Remember a new token for the penalty and the n-gram ban of the following steps."""
-        if r._seen is not None and not bool((r._seen == token).any()):
-            r._seen = torch.cat([r._seen, torch.tensor([token], device=self.device)])
+        if r._seen is not None:
+            r._seen[token] = True
         n = self.sampling.no_repeat_ngram_size
         if n > 0:
-            text = r.ids + r.generated + [token]
-            if len(text) >= n:
-                gram = text[-n:]
-                r._ngrams.setdefault(tuple(gram[:-1]), set()).add(gram[-1])
+            r._ngrams.setdefault(r._tail, set()).add(token)
+            r._tail = (r._tail + (token,))[-(n - 1):] if n > 1 else ()
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:

@@ -173,13 +173,26 @@ class LanguageModel:
         on_text: Callable[[str], None] | None = None,
     ) -> Request:
         """An engine request for one chat prompt; its deadline is ``generation_timeout_s`` from now."""
+        ids = self.render(messages)
         return Request(
-            ids=self.render(messages),
+            ids=ids,
+            keep_prefix=self._system_turn_length(messages, ids),
             max_new_tokens=max_new_tokens or self.settings.max_new_tokens,
             min_new_tokens=min_new_tokens,
             deadline=time.monotonic() + self.settings.generation_timeout_s,
             on_token=self._streamer(on_text) if on_text is not None else None,
         )
+
+    def _system_turn_length(self, messages: Sequence[dict[str, str]], ids: list[int]) -> int:
+        """Tokens of the rendered system turn (instructions and tickets) when the prompt opens with it:
+        the part the same problem asked again shares, so the engine keeps its keys and values."""
+        if len(messages) < 2 or messages[0].get("role") != "system":
+            return 0
+        system = self.tokenizer.apply_chat_template(list(messages[:1]), tokenize=True)
+        if hasattr(system, "input_ids"):
+            system = system["input_ids"]
+        system = list(system)
+        return len(system) if ids[: len(system)] == system else 0
 
     def result(self, request: Request) -> Generation:
         """What a finished request made; a failure or a deadline with nothing said is an error."""

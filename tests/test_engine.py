@@ -141,3 +141,23 @@ def test_prefix_cache_is_dropped_when_the_adapter_changes(lm, tmp_path: Path):
 
     model.use_adapter(None)
     assert not model.engine._prefixes
+
+
+def test_penalties_match_transformers_generate(lm):
+    """Repetition penalty and the n-gram ban, as ``generate`` applies them (exact fp32 weights)."""
+    import torch
+
+    engine = _engine(lm, cpu_weights="fp32")
+    request = _request(lm, QUESTIONS[1], max_new=40)
+    engine.run([request])
+    s = lm.settings
+    assert s.repetition_penalty != 1.0 and s.no_repeat_ngram_size > 0
+    ids = torch.tensor([request.ids])
+    with torch.inference_mode():
+        out = lm.model.generate(
+            ids, max_new_tokens=40, do_sample=False, temperature=None, top_p=None, top_k=None,
+            pad_token_id=lm.tokenizer.pad_token_id, repetition_penalty=s.repetition_penalty,
+            no_repeat_ngram_size=s.no_repeat_ngram_size,
+        )
+    reference = [t for t in out[0, ids.shape[1]:].tolist() if t not in lm._eos_ids()]
+    assert request.generated == reference[: len(request.generated)] and request.generated
