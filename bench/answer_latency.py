@@ -40,17 +40,6 @@ def read_bandwidth_gbs(size_mb: int = 1024, repeats: int = 5) -> float:
     return data.numel() * 4 / best / 1e9
 
 
-def weight_bytes(model) -> int:  # type: ignore[no-untyped-def]
-    seen: set[int] = set()
-    total = 0
-    for p in model.parameters():
-        if p.data_ptr() in seen:  # tied embeddings are read once per step
-            continue
-        seen.add(p.data_ptr())
-        total += p.numel() * p.element_size()
-    return total
-
-
 def decode_rate(lm, messages, tokens: int) -> float:  # type: ignore[no-untyped-def]
     """Decode tokens/s of the engine the workers serve with (same sampling settings), prefill
     subtracted: time(n tokens) - time(1 token), over n - 1. Best of three."""
@@ -141,7 +130,7 @@ def main() -> None:
 
     # 2. decode rate against the bandwidth bound
     bandwidth = read_bandwidth_gbs()
-    wbytes = weight_bytes(lm.model)
+    wbytes = lm.engine.weight_bytes()  # what the engine reads per step (fp16 copies on the CPU default)
     bound = bandwidth * 1e9 / wbytes
     rate = decode_rate(lm, messages, 64)
     hf_rate = hf_decode_rate(lm, messages, 64)
@@ -157,6 +146,7 @@ def main() -> None:
         "decode_tokens_per_s": round(rate, 1),
         "read_bandwidth_gbs": round(bandwidth, 2),
         "weight_mb": round(wbytes / 1e6, 1),
+        "weight_format": "fp16" if lm.engine.half else "fp32",
         "bandwidth_bound_tokens_per_s": round(bound, 1),
         "decode_share_of_bound": round(rate / bound, 3),
         "transformers_generate_decode_tokens_per_s": round(hf_rate, 1),
