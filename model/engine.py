@@ -100,7 +100,10 @@ class _Dense:
 
 
 def fp16_kernels_available() -> bool:
-    return "fbgemm" in torch.backends.quantized.supported_engines
+    # PyTorch marks these ops deprecated; where a build lacks them the engine falls back to fp32.
+    return "fbgemm" in torch.backends.quantized.supported_engines and hasattr(
+        torch, "fbgemm_linear_fp16_weight_fp32_activation"
+    )
 
 
 class _Layer:
