@@ -52,6 +52,25 @@ def conversations(data: Path | None, n: int) -> list[list[dict[str, Any]]]:
 VARIANTS = ("trl", "hf", "ours")
 
 
+def trainer_arguments(config: Any) -> dict[str, Any]:
+    """What TRL's and the plain Trainer's arguments share: one epoch, our learning rate and clipping, no
+    schedule, logging or saving, on the CPU, with our gradient-checkpointing setting."""
+    return dict(
+        num_train_epochs=1,
+        learning_rate=config.learning_rate,
+        max_grad_norm=config.max_grad_norm,
+        lr_scheduler_type="constant",
+        logging_strategy="no",
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+        gradient_checkpointing=config.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False},
+    )
+
+
 def run_variant(variant: str, data: Path | None, n: int, config_overrides: dict[str, Any]) -> dict[str, Any]:
     import torch
 
@@ -108,19 +127,8 @@ def run_variant(variant: str, data: Path | None, n: int, config_overrides: dict[
             padding_free=True,
             max_length=config.pack_len,
             per_device_train_batch_size=config.batch_rows,
-            num_train_epochs=1,
-            learning_rate=config.learning_rate,
-            max_grad_norm=config.max_grad_norm,
-            lr_scheduler_type="constant",
-            logging_strategy="no",
-            save_strategy="no",
-            report_to=[],
-            use_cpu=True,
-            dataloader_num_workers=0,
-            disable_tqdm=True,
-            gradient_checkpointing=config.gradient_checkpointing,
-            gradient_checkpointing_kwargs={"use_reentrant": False},
             dataset_num_proc=None,
+            **trainer_arguments(config),
         )
         trainer = SFTTrainer(model=model, args=args, train_dataset=rows, processing_class=tokenizer)
         started = time.perf_counter()
@@ -142,19 +150,8 @@ def run_variant(variant: str, data: Path | None, n: int, config_overrides: dict[
         args = TrainingArguments(
             output_dir=str(RESULTS / "hf-trainer-tmp"),
             per_device_train_batch_size=8,
-            num_train_epochs=1,
-            learning_rate=config.learning_rate,
-            max_grad_norm=config.max_grad_norm,
-            lr_scheduler_type="constant",
-            logging_strategy="no",
-            save_strategy="no",
-            report_to=[],
-            use_cpu=True,
-            dataloader_num_workers=0,
-            disable_tqdm=True,
-            gradient_checkpointing=config.gradient_checkpointing,
-            gradient_checkpointing_kwargs={"use_reentrant": False},
             remove_unused_columns=False,
+            **trainer_arguments(config),
         )
         trainer = Trainer(
             model=model,

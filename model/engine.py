@@ -297,15 +297,16 @@ class Engine:
         for r in rows:
             last = r.generated[-1]
             if last in self.eos_ids and len(r.generated) > r.min_new_tokens:
-                r.generated.pop()
+                r.generated.pop()  # the end of text is not part of the answer, nor streamed
                 done.append(r)
-            elif len(r.generated) >= r.max_new_tokens:
+                continue
+            if r.on_token is not None:
+                r.on_token(last)
+            if len(r.generated) >= r.max_new_tokens:
                 done.append(r)
             elif now >= r.deadline:
                 r.timed_out = True
                 done.append(r)
-            if r.on_token is not None and r.generated and r.generated[-1] == last and last not in self.eos_ids:
-                r.on_token(last)
         for r in done:
             if r in self.running:
                 self._finish(self.running.index(r))
@@ -454,13 +455,12 @@ class Engine:
         cos = self._cos[positions][:, None]  # [batch, 1, t, dim]
         sin = self._sin[positions][:, None]
         width = max(starts) + t
-        if t > 1:
-            mask = None  # one row: causal within the chunk, everything before it visible
-            causal = torch.ones(t, width, dtype=torch.bool, device=self.device).tril(diagonal=starts[0])
-            mask = causal[None, None]
+        if t > 1:  # one row: causal within the chunk, everything before it visible
+            mask = torch.ones(t, width, dtype=torch.bool, device=self.device).tril(diagonal=starts[0])[None, None]
         else:
-            lengths = torch.tensor(starts, device=self.device) + 1
-            mask = (torch.arange(width, device=self.device)[None] < lengths[:, None])[:, None, None]
+            index = torch.tensor(starts, device=self.device)  # where each row's new key and value go
+            row_index = torch.tensor(rows, device=self.device)
+            mask = (torch.arange(width, device=self.device)[None] < (index + 1)[:, None])[:, None, None]
         contiguous = rows == list(range(rows[0], rows[0] + batch))
         select = slice(rows[0], rows[0] + batch) if contiguous else torch.tensor(rows, device=self.device)
         q_size = self.heads * self.head_dim
@@ -481,8 +481,6 @@ class Engine:
                 keys[rows[0], :, starts[0] : starts[0] + t] = k[0]
                 values[rows[0], :, starts[0] : starts[0] + t] = v[0]
             else:
-                index = torch.tensor(starts, device=self.device)
-                row_index = torch.tensor(rows, device=self.device)
                 keys[row_index, :, index] = k[:, :, 0]
                 values[row_index, :, index] = v[:, :, 0]
             if t > 1:
