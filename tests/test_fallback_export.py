@@ -26,22 +26,30 @@ def _rows(out: Path) -> list[dict]:
     return rows
 
 
+def _user(s) -> User:  # type: ignore[no-untyped-def]
+    user = User(platform="console", external_id="u1")
+    s.add(user)
+    s.flush()
+    return user
+
+
+def _rated_good(s, user: User, name: str, question: str, answer: str, **marks: object):  # type: ignore[no-untyped-def]
+    """One question and answer in a conversation of their own, the answer marked and rated 👍."""
+    message = _exchange(s, _conversation(s, name, user), question, answer)
+    for field, value in marks.items():
+        setattr(message, field, value)
+    rate(session=s, message_id=message.id, value="good")
+    return message
+
+
 def test_fallback_answer_rated_good_is_never_a_model_target(db: Database, tmp_path: Path) -> None:
     with db.session() as s:
-        user = User(platform="console", external_id="u1")
-        s.add(user)
-        s.flush()
-        model = _exchange(s, _conversation(s, "model", user), "The scanner leaves streaks.",
-                          "Clean the scanner glass and the feed rollers with a lint-free cloth.")
-        rate(session=s, message_id=model.id, value="good")
-        quoted = _exchange(s, _conversation(s, "fallback", user), "Label printer prints blank.",
-                           "What fixed this before: Replaced the ribbon. (SB-1, about 0.5 h)")
-        quoted.fallback = True
-        rate(session=s, message_id=quoted.id, value="good")
-        flagged = _exchange(s, _conversation(s, "flagged", user), "VPN drops.",
-                            "Reinstall the client, then mail [removed].")
-        flagged.flagged = True
-        rate(session=s, message_id=flagged.id, value="good")
+        user = _user(s)
+        _rated_good(s, user, "model", "The scanner leaves streaks.",
+                    "Clean the scanner glass and the feed rollers with a lint-free cloth.")
+        _rated_good(s, user, "fallback", "Label printer prints blank.",
+                    "What fixed this before: Replaced the ribbon. (SB-1, about 0.5 h)", fallback=True)
+        _rated_good(s, user, "flagged", "VPN drops.", "Reinstall the client, then mail [removed].", flagged=True)
     out = tmp_path / "export"
     with db.session() as s:
         summary = export(session=s, out_dir=out, scrub=None, validation_percent=0)
@@ -54,13 +62,8 @@ def test_fallback_answer_rated_good_is_never_a_model_target(db: Database, tmp_pa
 
 def test_only_fallback_answers_means_nothing_to_train(db: Database, tmp_path: Path) -> None:
     with db.session() as s:
-        user = User(platform="console", external_id="u1")
-        s.add(user)
-        s.flush()
-        quoted = _exchange(s, _conversation(s, "fallback", user), "Label printer prints blank.",
-                           "What fixed this before: Replaced the ribbon. (SB-1)")
-        quoted.fallback = True
-        rate(session=s, message_id=quoted.id, value="good")
+        _rated_good(s, _user(s), "fallback", "Label printer prints blank.",
+                    "What fixed this before: Replaced the ribbon. (SB-1)", fallback=True)
     with db.session() as s, pytest.raises(InputError):
         export(session=s, out_dir=tmp_path / "export", scrub=None)
 
@@ -69,16 +72,12 @@ def test_technician_view_answer_rated_good_is_never_a_target(db: Database, tmp_p
     """A technician's own question gets every matching ticket listed (workers/compose.for_technician):
     a troubleshooting list, not what the model should learn to tell employees."""
     with db.session() as s:
-        user = User(platform="console", external_id="u1")
-        s.add(user)
-        s.flush()
-        model = _exchange(s, _conversation(s, "model", user), "The scanner leaves streaks.",
-                          "Clean the scanner glass and the feed rollers with a lint-free cloth.")
-        rate(session=s, message_id=model.id, value="good")
-        listed = _exchange(s, _conversation(s, "tech", user), "Label printer prints blank.",
-                           "Replace the ribbon.\n\nMatching tickets:\n[SB-1] Label printer blank (Zebra), 0.5 h")
-        listed.meta = {"composition": [f"{TECHNICIAN_VIEW}: 1 tickets"]}
-        rate(session=s, message_id=listed.id, value="good")
+        user = _user(s)
+        _rated_good(s, user, "model", "The scanner leaves streaks.",
+                    "Clean the scanner glass and the feed rollers with a lint-free cloth.")
+        _rated_good(s, user, "tech", "Label printer prints blank.",
+                    "Replace the ribbon.\n\nMatching tickets:\n[SB-1] Label printer blank (Zebra), 0.5 h",
+                    meta={"composition": [f"{TECHNICIAN_VIEW}: 1 tickets"]})
     out = tmp_path / "export"
     with db.session() as s:
         summary = export(session=s, out_dir=out, scrub=None, validation_percent=0)
