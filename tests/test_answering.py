@@ -49,6 +49,14 @@ DEGENERATE = [
     "Quantum entanglement explains tax law nicely.",  # off topic
     "Replace the",  # cut mid-sentence, no full sentence
     "",
+    # Rambling of the untuned embedded model, as seen in `eval rag`: it touches the tickets in none or few
+    # of its sentences.
+    "This is an example of how someone can create a fake issue without providing any actual evidence. "
+    "The original message was just another way of creating a false story. Let me clarify things further.",
+    "I'm sorry for any confusion caused by the typo in \"label\". The correct spelling is indeed \"Label\". "
+    "Thank you for your patience and understanding.",
+    "Labels are a product designed to prevent clogging in valves. The ribbon was first introduced in 2017. "
+    "It has been widely adopted across various industries. Let me know if you want anything else.",
 ]
 
 
@@ -68,6 +76,14 @@ def test_repeated_sentences_are_trimmed_and_a_cut_tail_is_removed():
     first = composed.text.split("\n\n")[0]
     assert first == "Reseat the ribbon. Then run a calibration from the menu."
     assert "repeated sentences removed" in composed.notes and "cut mid-sentence" in composed.notes
+
+
+def test_a_fix_that_repeats_itself_is_quoted_once():
+    hit = TicketHit(id="MN-7", title="Induction tube hose clamps loose",
+                    work_performed="TIGHTENED HOSE CLAMPS. TIGHTENED HOSE CLAMPS. TIGHTENED HOSE CLAMPS.", score=0.9)
+    composed = compose("", [hit], None, question="hose clamps on the induction tube are loose")
+    assert composed.text.count("TIGHTENED HOSE CLAMPS.") == 1
+    assert not is_loop(composed.text)
 
 
 def test_invented_ticket_ids_are_removed():

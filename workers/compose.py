@@ -31,6 +31,18 @@ def words(text: str) -> list[str]:
     return [w for w in re.findall(r"[a-z0-9]+", text.lower()) if len(w) > 1 and w not in STOPWORDS]
 
 
+def _stem(word: str) -> str:
+    """Enough stemming to match "gaskets" with "gasket" and "leaking" with "leak" across texts."""
+    for suffix in ("ing", "ed", "es", "s"):
+        if word.endswith(suffix) and len(word) - len(suffix) >= 3:
+            return word[: -len(suffix)]
+    return word
+
+
+def stems(text: str) -> set[str]:
+    return {_stem(w) for w in words(text)}
+
+
 def is_echo(answer: str, question: str) -> bool:
     """The model repeated the question instead of answering. A short real answer ("Restart the printer.")
     is not an echo: it brings a word of its own for every word it shares."""
@@ -127,19 +139,44 @@ def check_model_text(text: str, *, question: str, hits: Sequence[TicketHit]) -> 
         return "", [*notes, "no full sentence"]
     if is_echo(text, question):
         return "", [*notes, "echo of the question"]
-    said = set(words(text))
     if hits:
-        grounding = set(words(question)) | {w for h in hits for w in words(h.render(2000))}
-        if not said & grounding:
-            return "", [*notes, "off topic"]
+        about, why = _about_tickets(text, question, hits)
+        if not about:
+            return "", [*notes, why]
+        said = set(words(text))
         fix = set(words(hits[0].work_performed or hits[0].condition))
         if fix and len(said) >= 3 and len(said - fix) / len(said) < 0.1:
             return "", [*notes, "adds nothing to the ticket's fix"]
     return text, notes
 
 
+# A sentence of the model's is about the tickets when it brings a word of theirs that the question did not
+# have. A text is kept only when at least this share of its sentences are: a real answer's steps mostly
+# touch the tickets ("Reseat the ribbon. Then run a calibration from the menu." is one of two), while the
+# untuned model's rambling ("This is an example of how someone can create a fake issue …", "I'm sorry
+# for any confusion caused by the typo …") touches them in none or a few of its sentences, and its lucky
+# ones are not trusted either. Chosen on the development band of `eval rag` (--holdout-offset 10, never
+# the reported band): of the 22 texts the old any-word test kept there (all off topic) it keeps 3.
+TEXT_GROUNDING = 0.5
+
+
+def _about_tickets(text: str, question: str, hits: Sequence[TicketHit]) -> tuple[bool, str]:
+    asked = stems(question)
+    # The tickets' own words, not the labels of their rendering ("Problem:", "Fix:", "ticket").
+    known = set().union(*(stems(f"{h.title} {h.machine} {h.condition} {h.work_performed}") for h in hits)) - asked
+    said = [stems(sentence) for sentence in sentences(text)]
+    said = [own for own in said if own]
+    about = sum(bool(own & known) for own in said)
+    if not about:
+        return False, "off topic"
+    if about / len(said) < TEXT_GROUNDING:
+        return False, f"off topic ({len(said) - about} of {len(said)} sentences not about the tickets)"
+    return True, ""
+
+
 def _short_fix(ticket: TicketHit) -> str:
-    fix = (ticket.work_performed or ticket.condition or ticket.title).strip()
+    # Repair notes often repeat a sentence ("TIGHTENED HOSE CLAMPS." six times): say it once.
+    fix = _dedupe_sentences((ticket.work_performed or ticket.condition or ticket.title).strip())
     if len(fix) <= MAX_FIX_CHARS:
         return fix
     cut = fix[:MAX_FIX_CHARS]

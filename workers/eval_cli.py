@@ -18,11 +18,16 @@ def register(groups: Groups) -> None:
     p.add_argument("--questions", type=Path, default=None,
                    help="held-out questions (JSONL); default: hold out --holdout-percent of --tickets by id")
     p.add_argument("--holdout-percent", type=int, default=10)
+    p.add_argument("--holdout-offset", type=int, default=0,
+                   help="hold out the ids whose bucket is in [offset, offset + percent): another band than the "
+                        "reported one (0) for developing rules")
     p.add_argument("--question-field", default="title")
     p.add_argument("--reference-field", default="work_performed")
     p.add_argument("--limit", type=int, default=50, help="at most this many questions (0: all)")
     p.add_argument("--adapter", default=None,
                    help="a LoRA adapter folder, or 'active' for the registry's active one; default: the base model")
+    p.add_argument("--cases-out", type=Path, default=None,
+                   help="write every question with its answer, model text and notes here (JSONL)")
     p.add_argument("--json", action="store_true")
 
 
@@ -39,8 +44,8 @@ def _rag(args: argparse.Namespace, settings: Settings) -> int:
         adapter = active[0] if active else None
     report = evaluate_rag(
         settings=settings, tickets=args.tickets, questions=args.questions, holdout_percent=args.holdout_percent,
-        question_field=args.question_field, reference_field=args.reference_field, limit=args.limit or None,
-        adapter=adapter,
+        holdout_offset=args.holdout_offset, question_field=args.question_field, reference_field=args.reference_field, limit=args.limit or None,
+        adapter=adapter, cases_out=args.cases_out,
     )
     if args.json:
         print(json.dumps(report))

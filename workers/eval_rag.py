@@ -42,19 +42,24 @@ class Case:
     reference: str
 
 
-def held_out(ticket_id: str, percent: int) -> bool:
-    """Deterministic split by ticket id: the same ticket is always on the same side."""
-    return int(hashlib.sha256(ticket_id.encode()).hexdigest()[:8], 16) % 100 < percent
+def held_out(ticket_id: str, percent: int, offset: int = 0) -> bool:
+    """Deterministic split by ticket id: the same ticket is always on the same side. ``offset`` moves the
+    held-out band (ids whose bucket is in [offset, offset + percent)): a band other than the reported
+    one is where the composer's rules may be developed without touching the reported questions."""
+    bucket = int(hashlib.sha256(ticket_id.encode()).hexdigest()[:8], 16) % 100
+    return (bucket - offset) % 100 < percent
 
 
 def _id(row: dict[str, Any], number: int) -> str:
     return str(row.get("id") or row.get("ticket_id") or number)
 
 
-def split_tickets(rows: list[dict[str, Any]], percent: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+def split_tickets(
+    rows: list[dict[str, Any]], percent: int, offset: int = 0
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     index, asked = [], []
     for number, row in enumerate(rows):
-        (asked if held_out(_id(row, number), percent) else index).append(row)
+        (asked if held_out(_id(row, number), percent, offset) else index).append(row)
     return index, asked
 
 
@@ -89,10 +94,12 @@ def evaluate_rag(
     tickets: Path,
     questions: Path | None = None,
     holdout_percent: int = 10,
+    holdout_offset: int = 0,
     question_field: str = "title",
     reference_field: str = "work_performed",
     limit: int | None = 50,
     adapter: str | None = None,
+    cases_out: Path | None = None,
 ) -> dict[str, Any]:
     """The report described in the module docstring. ``questions`` None: hold out a share of ``tickets``."""
     from model.evaluate import rouge
@@ -103,7 +110,7 @@ def evaluate_rag(
 
     rows = json_objects(tickets)
     if questions is None:
-        index_rows, asked_rows = split_tickets(rows, holdout_percent)
+        index_rows, asked_rows = split_tickets(rows, holdout_percent, holdout_offset)
     else:
         index_rows = rows
         asked_rows = json_objects(questions)
@@ -123,6 +130,7 @@ def evaluate_rag(
         lm.use_adapter(adapter)
     delivered, top_ticket, no_retrieval, references = [], [], [], []
     latencies: list[float] = []
+    shown: list[dict[str, Any]] = []  # each case as it went, for --cases-out
     fallback = loops = not_sure = 0
     with temporary_store(settings) as (temp_settings, db):
         history = temp_settings.data_dir / "history.jsonl"
@@ -139,9 +147,9 @@ def evaluate_rag(
                 generation = lm.generate([build_messages(question=case.question, tickets=hits)])[0]
                 composed = compose(generation.text, hits, estimate_hours(hits), question=case.question,
                                    trusted_domains=settings.trusted_domains)
-                answer, fell_back = composed.text, composed.fallback
+                answer, fell_back, model_text, notes = composed.text, composed.fallback, generation.text, composed.notes
             else:
-                answer, fell_back = texts.NOT_SURE, False
+                answer, fell_back, model_text, notes = texts.NOT_SURE, False, "", ["not sure"]
                 not_sure += 1
             latencies.append((time.perf_counter() - started) * 1000)
             fallback += fell_back
@@ -149,11 +157,16 @@ def evaluate_rag(
             delivered.append(scored_text(answer))
             top_ticket.append(result.hits[0].work_performed if result.hits else "")
             references.append(case.reference)
+            shown.append({"id": case.id, "question": case.question, "reference": case.reference,
+                          "model_text": model_text, "answer": answer, "fallback": fell_back, "notes": notes,
+                          "hits": [h.id for h in result.hits]})
         # The model alone, on the same questions: the base model, no adapter, no tickets.
         lm.use_adapter(None)
         for case in cases:
             generation = lm.generate([build_messages(question=case.question)])[0]
             no_retrieval.append(generation.text)
+    if cases_out is not None:
+        cases_out.write_text("".join(json.dumps(c) + "\n" for c in shown), encoding="utf-8")
 
     n = len(cases)
     return {
