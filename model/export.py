@@ -367,12 +367,17 @@ def write_dataset(
         raise InputError(f"{out_dir} exists and is not a folder")
     cache: dict[str, str] = {}
 
+    def clean_part(text: str) -> str:
+        if text not in cache:
+            cache[text] = scrub(text)  # type: ignore[misc]
+        return cache[text]
+
     def clean(text: str) -> str:
         if scrub is None:
             return text
-        if text not in cache:
-            cache[text] = scrub(text)
-        return cache[text]
+        # Paragraph by paragraph: a bootstrapped conversation's system turn repeats the instructions and
+        # quotes tickets that its neighbours quote too, so each paragraph is scrubbed once, not per turn.
+        return "\n\n".join(clean_part(part) for part in text.split("\n\n"))
 
     def clean_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
         return [{**m, "content": clean(m["content"])} for m in messages]
