@@ -28,6 +28,9 @@ def register(groups: Groups) -> None:
                    help="a LoRA adapter folder, or 'active' for the registry's active one; default: the base model")
     p.add_argument("--cases-out", type=Path, default=None,
                    help="write every question with its answer, model text and notes here (JSONL)")
+    p.add_argument("--skip-model-baseline", action="store_true",
+                   help="leave out the base model without retrieval (the same for every adapter on the same "
+                        "questions), e.g. when comparing adapters")
     p.add_argument("--json", action="store_true")
 
 
@@ -44,8 +47,9 @@ def _rag(args: argparse.Namespace, settings: Settings) -> int:
         adapter = active[0] if active else None
     report = evaluate_rag(
         settings=settings, tickets=args.tickets, questions=args.questions, holdout_percent=args.holdout_percent,
-        holdout_offset=args.holdout_offset, question_field=args.question_field, reference_field=args.reference_field, limit=args.limit or None,
-        adapter=adapter, cases_out=args.cases_out,
+        holdout_offset=args.holdout_offset, question_field=args.question_field,
+        reference_field=args.reference_field, limit=args.limit or None, adapter=adapter,
+        cases_out=args.cases_out, model_baseline=not args.skip_model_baseline,
     )
     if args.json:
         print(json.dumps(report))
@@ -56,6 +60,8 @@ def _rag(args: argparse.Namespace, settings: Settings) -> int:
             ("top ticket's repair", report["baselines"]["top_ticket"]),
             ("model, no retrieval", report["baselines"]["no_retrieval"])]
     for label, scores in rows:
+        if scores is None:
+            continue
         print(f"{label:24}{scores['rouge1']:9.3f}{scores['rouge2']:9.3f}{scores['rougeL']:9.3f}")
     lat = report["latency_ms"]
     print(f"model text dropped {report['model_text_dropped']:.0%}, not sure {report['not_sure']:.0%}, "
