@@ -21,6 +21,9 @@ from core.settings import Settings
 log = logging.getLogger(__name__)
 
 EVENTS_PATH = "/slack/events"
+# An oversized body is read and thrown away up to this much so that its client gets the 413; beyond it the
+# connection is simply closed (a client sending more is not one to be polite to).
+DRAIN_BYTES = 16 * 1024 * 1024
 Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
@@ -66,7 +69,7 @@ class GuardedEndpoint:
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
         declared = headers.get("content-length", "")
         if declared.isdigit() and int(declared) > self.max_body:
-            await _respond(send, 413, b"request body too large")
+            await self._refuse_large(receive, send)
             return
         body = bytearray()
         while True:
@@ -79,7 +82,7 @@ class GuardedEndpoint:
                 return
             body += message.get("body", b"")
             if len(body) > self.max_body:
-                await _respond(send, 413, b"request body too large")
+                await self._refuse_large(receive, send, more=bool(message.get("more_body")))
                 return
             if not message.get("more_body"):
                 break
@@ -96,6 +99,22 @@ class GuardedEndpoint:
             return {"type": "http.request", "body": bytes(body), "more_body": False}
 
         await self.handler(scope, replay, send)
+
+    async def _refuse_large(self, receive: Receive, send: Send, more: bool = True) -> None:
+        """413, after reading what the client is still sending (discarded, up to ``DRAIN_BYTES``): a server
+        that answers and closes mid-upload makes the client fail with a broken pipe before it reads the
+        answer (uvicorn ends a cycle's reads once its response is sent, so the reading comes first)."""
+        drained = 0
+        while more and drained <= DRAIN_BYTES:
+            try:
+                message = await asyncio.wait_for(receive(), self.read_timeout_s)
+            except TimeoutError:
+                break
+            if message["type"] == "http.disconnect":
+                return
+            drained += len(message.get("body", b""))
+            more = bool(message.get("more_body"))
+        await _respond(send, 413, b"request body too large")
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:
         while True:
