@@ -1,15 +1,15 @@
-"""Anonymization time per chat-sized message: the name model in fp32 (the baseline) against the shipped
-path (``privacy_name_model_int8``, dynamic int8), in the same run, and what int8 changes in the masks.
+"""Anonymization time per chat-sized message: the path before issue 10's speed work (name model in
+fp32, run after spaCy) against the shipped path (bf16 where the CPU has it natively, run beside spaCy),
+in the same run, and what the change does to the masks.
 
   python -m bench.privacy_latency [--messages 400] [--json]
 
 Messages are training text only (nothing the evaluation reports): WNUT-17 train rows and the even rows of
 the DellQA questions, at most 1,000 characters (``evaluate.CHAT_SIZED``), sampled with a fixed seed. Both
 anonymizers live in one process and take turns per message (which goes first alternates), so both see
-the same load; each is warmed up first. Reported: p50 and p95 of each in ms, their ratio (shipped / fp32),
-and how many messages get exactly the same masks in both (type and span), with the differing examples.
-
-With 4 agents on 2 cores the absolute times move with the load (printed); the ratio is the result.
+the same load; each is warmed up first. Reported: p50 and p95 of each in ms, their ratio (shipped /
+before), and how many messages get exactly the same masks in both (type and span), with the differing
+examples. The absolute times move with the machine's load (printed); the ratio is the result.
 """
 
 from __future__ import annotations
@@ -70,15 +70,20 @@ def main() -> None:
 
     from bot.privacy import Anonymizer
     from bot.privacy.config import PrivacyConfig
+    from bot.privacy.encoder import native_bf16
     from core.settings import load_settings
 
     messages = training_messages(args.data_dir.resolve(), args.messages)
     shipped = PrivacyConfig.from_settings(load_settings())
-    if not shipped.name_model_int8:
-        print("note: privacy_name_model_int8 is off, so the shipped path is fp32 too; comparing int8 instead")
-    paths = {
-        "fp32": Anonymizer(replace(shipped, name_model_int8=False)),
-        "shipped": Anonymizer(replace(shipped, name_model_int8=True)),
+    before = Anonymizer(replace(shipped, name_model_int8=False, name_model_bf16=False))
+    before.engine.overlap = False
+    paths = {"before": before, "shipped": Anonymizer(shipped)}
+    settings = {
+        "before": "fp32, name model after spaCy",
+        "shipped": (
+            f"{'int8' if shipped.name_model_int8 else 'bf16' if shipped.name_model_bf16 and native_bf16() else 'fp32'}"
+            f", name model {'beside' if paths['shipped'].engine.overlap else 'after'} spaCy"
+        ),
     }
     for anonymizer in paths.values():  # first calls build caches and torch kernels
         for text in messages[:5]:
@@ -94,25 +99,26 @@ def main() -> None:
             result = paths[name].anonymize(text, scope=None)
             times[name].append((time.perf_counter() - started) * 1000)
             masks[name] = [(e.type, e.start, e.end) for e in result.entities]
-        if masks["fp32"] == masks["shipped"]:
+        if masks["before"] == masks["shipped"]:
             same += 1
         elif len(differing) < 8:
-            only = set(masks["fp32"]) ^ set(masks["shipped"])
+            only = set(masks["before"]) ^ set(masks["shipped"])
             differing.append(
                 {
-                    "fp32_only": [text[s:e] for t, s, e in masks["fp32"] if (t, s, e) in only],
+                    "before_only": [text[s:e] for t, s, e in masks["before"] if (t, s, e) in only],
                     "shipped_only": [text[s:e] for t, s, e in masks["shipped"] if (t, s, e) in only],
                 }
             )
     report = {
         "messages": len(messages),
         "data": "WNUT-17 train rows and DellQA even-row questions (training text), <= 1,000 chars",
-        "load_average_before_after": [round(load_before, 2), round(os.getloadavg()[0], 2)],
-        "fp32": percentiles(times["fp32"]),
-        "shipped_int8": percentiles(times["shipped"]),
+        "load_average_start_end": [round(load_before, 2), round(os.getloadavg()[0], 2)],
+        "paths": settings,
+        "before": percentiles(times["before"]),
+        "shipped": percentiles(times["shipped"]),
     }
-    report["ratio_shipped_over_fp32"] = {
-        key: round(report["shipped_int8"][key] / report["fp32"][key], 3)
+    report["ratio_shipped_over_before"] = {
+        key: round(report["shipped"][key] / report["before"][key], 3)
         for key in ("p50_ms", "p95_ms", "mean_ms")
     }
     report["messages_with_same_masks"] = round(same / len(messages), 4)
@@ -121,18 +127,19 @@ def main() -> None:
         print(json.dumps(report, indent=2, ensure_ascii=False))
         return
     print(
-        f"{report['messages']} chat-sized training messages, load average {report['load_average_before_after']}"
+        f"{report['messages']} chat-sized training messages, load average {report['load_average_start_end']}"
     )
-    for name in ("fp32", "shipped_int8"):
+    for name in ("before", "shipped"):
         row = report[name]
         print(
-            f"  {name:<13} p50 {row['p50_ms']:7.2f} ms  p95 {row['p95_ms']:7.2f} ms  mean {row['mean_ms']:7.2f} ms"
+            f"  {name:<8} p50 {row['p50_ms']:7.2f} ms  p95 {row['p95_ms']:7.2f} ms  mean {row['mean_ms']:7.2f} ms"
+            f"  ({settings[name]})"
         )
-    ratio = report["ratio_shipped_over_fp32"]
-    print(f"  shipped / fp32: p50 {ratio['p50_ms']}, p95 {ratio['p95_ms']}, mean {ratio['mean_ms']}")
+    ratio = report["ratio_shipped_over_before"]
+    print(f"  shipped / before: p50 {ratio['p50_ms']}, p95 {ratio['p95_ms']}, mean {ratio['mean_ms']}")
     print(f"  messages with the same masks in both: {report['messages_with_same_masks']:.4f}")
     for row in differing:
-        print(f"    fp32 only {row['fp32_only']}  shipped only {row['shipped_only']}")
+        print(f"    before only {row['before_only']}  shipped only {row['shipped_only']}")
 
 
 if __name__ == "__main__":

@@ -103,6 +103,9 @@ class Settings(BaseSettings):
     privacy_name_model_int8: bool = Field(
         False, description="Run the name model in dynamic int8 (faster on CPU; its threshold must be CV'd in int8)"
     )
+    privacy_name_model_bf16: bool = Field(
+        True, description="Run the name model in bfloat16 where the CPU has native bf16 (AVX512-BF16, AMX)"
+    )
 
     # Platforms
     slack_bot_token: SecretStr | None = Field(None, description="Slack bot token (xoxb-)")

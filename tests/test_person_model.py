@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -136,6 +137,44 @@ def test_int8_is_a_setting_and_keeps_the_ranking() -> None:
         Anonymizer(PrivacyConfig(name_model_int8=False)).engine
         is not Anonymizer(PrivacyConfig(name_model_int8=True)).engine
     )
+
+
+def test_bf16_is_used_only_where_native_and_changes_no_name_decision() -> None:
+    from bot.privacy.encoder import TokenEncoder, native_bf16
+    from core.settings import Settings
+
+    assert PrivacyConfig.from_settings(Settings()).name_model_bf16 is True
+    assert PrivacyConfig.from_settings(Settings(privacy_name_model_bf16=False)).name_model_bf16 is False
+    model = load_person_model()
+    bf16, fp32 = TokenEncoder(model, bf16=True), TokenEncoder(model)
+    assert bf16.bf16 == native_bf16() and not fp32.bf16  # emulated bf16 would be slower than fp32
+    texts = [text for text, _ in NAMES_THE_RULES_MISS] + IT_SENTENCES + ["Thandiwe fixed it last week"]
+    for text in texts:
+        words = [(m.start(), m.end()) for m in re.finditer(r"\w+", text)]
+        low, _ = bf16.vectors(text, words)
+        full_precision, _ = fp32.vectors(text, words)
+        assert np.abs(low - full_precision).max() < 0.05, text
+        assert ((low >= model.threshold) == (full_precision >= model.threshold)).all(), text
+
+
+def test_the_name_model_beside_spacy_finds_the_same_and_leaves_nothing_behind(full: Anonymizer) -> None:
+    engine = full.engine
+    encoder = engine.name_finder.encoder
+    texts = [text for text, _ in NAMES_THE_RULES_MISS] + IT_SENTENCES + [
+        "Thandiwe fixed it last week but it broke again",
+        "Hi, I'm Priya Raman\nREMOVED & REPLACED LEFT MAIN TIRE. SAFETIED.",
+        "ask okonkwo " + "about the printer queue on floor 3 " * 80,  # more than one chunk
+    ]
+    assert engine.overlap
+    beside = [engine.detect(text) for text in texts]
+    assert not encoder._pending  # a piece whose names nobody asked for is not kept
+    engine.overlap = False
+    try:
+        after = [engine.detect(text) for text in texts]
+    finally:
+        engine.overlap = True
+    assert beside == after
+    assert any(d.type == "PERSON" for d in beside[0])
 
 
 def test_relabel_writes_a_cv_threshold_into_a_trained_model(tmp_path: Path) -> None:

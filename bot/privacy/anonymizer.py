@@ -55,6 +55,7 @@ class Anonymizer:
             config.name_model,
             config.name_model_path,
             config.name_model_int8,
+            config.name_model_bf16,
         )
         with _cache_lock:
             found = _cache.get(key)
@@ -173,7 +174,7 @@ def _engine_for(config: PrivacyConfig) -> DetectionEngine:
     key = (
         config.entities, config.badge_patterns, config.hostname_patterns, config.allow_terms,
         config.allow_patterns, config.known_names, config.spacy_model, config.score_threshold, config.chunk_chars,
-        config.name_model, config.name_model_path, config.name_model_int8,
+        config.name_model, config.name_model_path, config.name_model_int8, config.name_model_bf16,
     )  # fmt: skip
     with _cache_lock:
         engine = _engines.get(key)

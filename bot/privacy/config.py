@@ -87,6 +87,10 @@ class PrivacyConfig:
     # the name probabilities (a name at 0.40 in fp32 reads 0.22), so it stays off until a threshold
     # cross-validated in int8 (train_names, scored in int8 by default) ships with it. Off: fp32, as trained.
     name_model_int8: bool = False
+    # bfloat16 weights and activations where the CPU computes bf16 natively (encoder.native_bf16): 0.69x
+    # the fp32 encoder time on the dev box with no name decision changed (``bench/privacy_latency.py``
+    # counts the masks that differ). Elsewhere bf16 would be emulated and slower, so fp32 runs.
+    name_model_bf16: bool = True
     # Structured types come from Presidio's pattern recognizers, whose scores start at 0.3-0.5
     # (a bare 10-digit number is a weak phone). Chosen by ``supportbot eval privacy --tune-threshold``
     # on the even (training) rows of presidio's synthetic set only: recall 1.000 from 0.30 to 0.40,
@@ -128,4 +132,5 @@ class PrivacyConfig:
             name_model=bool(getattr(settings, "privacy_name_model_enabled", True)),
             name_model_path=getattr(settings, "privacy_name_model", None),
             name_model_int8=bool(getattr(settings, "privacy_name_model_int8", False)),
+            name_model_bf16=bool(getattr(settings, "privacy_name_model_bf16", True)),
         )

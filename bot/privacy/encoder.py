@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import threading
 from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -129,8 +130,23 @@ def quantize(bert: Any) -> None:
         torch.ao.quantization.quantize_dynamic(bert, {torch.nn.Linear}, dtype=torch.qint8, inplace=True)
 
 
+def native_bf16() -> bool:
+    """Whether this CPU computes bfloat16 matrix products natively (oneDNN: AVX512-BF16 or AMX)."""
+    import torch
+
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # a torch build without oneDNN
+        return False
+
+
 class TokenEncoder:
-    """``vectors(text, spans)``: per character span, the mean name probability over its sub-words."""
+    """``vectors(text, spans)``: per character span, the mean name probability over its sub-words.
+
+    ``prefetch(text)`` starts the encoding on the encoder's own thread. The engine calls it for each
+    piece before spaCy reads that piece: the two are independent, each mostly one core's work
+    (torch's matrix products and spaCy's thinc layers release the GIL), so on two cores a message costs
+    about the slower of them instead of their sum. ``forget`` drops what nobody asked for."""
 
     width = 1
 
@@ -141,6 +157,7 @@ class TokenEncoder:
         threads: int = 0,
         cache_size: int = 0,
         int8: bool = False,
+        bf16: bool = False,
     ) -> None:
         import torch
 
@@ -156,16 +173,42 @@ class TokenEncoder:
         self.tagger.load_tensors(model.tensors)
         bert.eval()
         self.int8 = int8
+        self.bf16 = bf16 and not int8 and native_bf16()
         if int8:
             quantize(bert)
+        elif self.bf16:
+            bert.to(torch.bfloat16)
+            self.tagger.head.to(torch.bfloat16)
         if threads:
             torch.set_num_threads(threads)
         self._cache: OrderedDict[str, tuple[list[tuple[int, int]], np.ndarray]] = OrderedDict()
         self._cache_size = cache_size
         self._lock = threading.Lock()
+        self._pending: dict[str, Future[tuple[list[tuple[int, int]], np.ndarray]]] = {}
+        self._pending_lock = threading.Lock()
+        self._worker: ThreadPoolExecutor | None = None
+
+    def prefetch(self, text: str) -> None:
+        with self._pending_lock:
+            if text in self._pending:
+                return
+            if self._worker is None:
+                self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="name-encoder")
+            self._pending[text] = self._worker.submit(self._encode, text)
+
+    def forget(self, text: str) -> None:
+        with self._pending_lock:
+            self._pending.pop(text, None)
 
     def _states(self, text: str) -> tuple[list[tuple[int, int]], np.ndarray]:
         """Sub-word character offsets and their name probabilities (n_subwords x 1)."""
+        with self._pending_lock:
+            pending = self._pending.pop(text, None)
+        if pending is not None:
+            return pending.result()
+        return self._encode(text)
+
+    def _encode(self, text: str) -> tuple[list[tuple[int, int]], np.ndarray]:
         with self._lock:
             found = self._cache.get(text)
             if found is not None:
@@ -184,7 +227,7 @@ class TokenEncoder:
             for start in range(0, len(ids), WINDOW):
                 window = [cls, *ids[start : start + WINDOW], sep]
                 logits = self.tagger.logits(torch.tensor([window]))[0, 1:-1]
-                states[start : start + len(window) - 2, 0] = torch.sigmoid(logits).float().numpy()
+                states[start : start + len(window) - 2, 0] = torch.sigmoid(logits.float()).numpy()
         result = (offsets, states)  # type: ignore[assignment]
         if self._cache_size:  # cross-validation scores each row at every threshold
             with self._lock:
@@ -219,13 +262,17 @@ _shared_lock = threading.Lock()
 
 
 def shared_encoder(
-    model: PersonModel, model_dir: Path | None = None, threads: int = 0, int8: bool = False
+    model: PersonModel,
+    model_dir: Path | None = None,
+    threads: int = 0,
+    int8: bool = False,
+    bf16: bool = False,
 ) -> TokenEncoder:
     """One encoder per process, name model, base folder and precision (``load_person_model`` caches the
     model)."""
     with _shared_lock:
-        key = (id(model), model_dir, threads, int8)
+        key = (id(model), model_dir, threads, int8, bf16)
         encoder = _shared.get(key)
         if encoder is None:
-            encoder = _shared[key] = TokenEncoder(model, model_dir, threads, int8=int8)
+            encoder = _shared[key] = TokenEncoder(model, model_dir, threads, int8=int8, bf16=bf16)
         return encoder

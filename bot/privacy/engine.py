@@ -108,6 +108,7 @@ class DetectionEngine:
 
     def __init__(self, config: PrivacyConfig) -> None:
         self.config = config
+        self.overlap = True  # name model beside spaCy (see detect); bench/privacy_latency.py turns it off
         self._lock = threading.Lock()
         try:
             with without_heavy_optional_modules():
@@ -118,7 +119,9 @@ class DetectionEngine:
 
                 # Raises PrivacyError when the model was trained on another base encoder.
                 self.name_finder.encoder = shared_encoder(
-                    self.name_finder.model, int8=self.config.name_model_int8
+                    self.name_finder.model,
+                    int8=self.config.name_model_int8,
+                    bf16=self.config.name_model_bf16,
                 )
         except PrivacyError:
             raise
@@ -203,29 +206,43 @@ class DetectionEngine:
 
     def detect(self, text: str) -> list[Detection]:
         """Sensitive spans of ``text`` (already capped and normalized), sorted, without overlaps."""
-        from bot.privacy.names import truecase
+        from bot.privacy.names import is_all_caps
 
         found: list[Detection] = []
+        encoder = self.name_finder.encoder if self.overlap else None
         with self._lock:
-            for offset, piece in case_chunks(text, self.config.chunk_chars):
-                if not piece.strip():
-                    continue
-                artifacts = self.nlp_engine.process_text(truecase(piece, self.gazetteer), "en")
-                results = self.analyzer.analyze(
-                    text=piece,
-                    language="en",
-                    entities=[e for e in self.config.entities if e != SECRET],  # secrets: find_secrets
-                    nlp_artifacts=artifacts,
-                    score_threshold=self.config.score_threshold,
-                )
-                found += [
-                    Detection(r.entity_type, r.start + offset, r.end + offset, r.score) for r in results
-                ]
+            pieces = [(o, p) for o, p in case_chunks(text, self.config.chunk_chars) if p.strip()]
+            # The name model reads the pieces that are not shouted (names.NameFinder.find): start it
+            # now, beside spaCy's pass, instead of after it.
+            encoded = [p for _, p in pieces if encoder is not None and not is_all_caps(p)]
+            for piece in encoded:
+                encoder.prefetch(piece)
+            try:
+                found += self._analyze(pieces)
+            finally:
+                for piece in encoded:
+                    encoder.forget(piece)
         if SECRET in self.config.entities:
             found += [Detection(SECRET, start, end, 1.0) for start, end in find_secrets(text)]
         if "PERSON" in self.config.entities:
             found += [Detection("PERSON", start, end, 0.85) for start, end in self.script_names.find(text)]
         return self._clean(text, found)
+
+    def _analyze(self, pieces: list[tuple[int, str]]) -> list[Detection]:
+        from bot.privacy.names import truecase
+
+        found: list[Detection] = []
+        for offset, piece in pieces:
+            artifacts = self.nlp_engine.process_text(truecase(piece, self.gazetteer), "en")
+            results = self.analyzer.analyze(
+                text=piece,
+                language="en",
+                entities=[e for e in self.config.entities if e != SECRET],  # secrets: find_secrets
+                nlp_artifacts=artifacts,
+                score_threshold=self.config.score_threshold,
+            )
+            found += [Detection(r.entity_type, r.start + offset, r.end + offset, r.score) for r in results]
+        return found
 
     def _clean(self, text: str, found: list[Detection]) -> list[Detection]:
         protected = [m.span() for m in PLACEHOLDER.finditer(text)]
