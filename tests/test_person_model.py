@@ -189,3 +189,16 @@ def test_relabel_writes_a_cv_threshold_into_a_trained_model(tmp_path: Path) -> N
     model = load_person_model(out)
     assert model.threshold == 0.3 and model.info["cv"] == {"folds": 2, "threshold": 0.3, "at_threshold": {"recall": 0.9}}
     assert model.base == shipped.base and all(np.array_equal(model.tensors[k], v) for k, v in shipped.tensors.items())
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="fork is POSIX only")
+def test_a_forked_process_still_gets_its_names_found(full: Anonymizer) -> None:
+    import os
+
+    full.engine.detect("ask okonkwo about it")  # the parent's encoder thread exists now
+    pid = os.fork()
+    if pid == 0:  # the child: must not wait for the parent's thread, which it does not have
+        found = full.engine.detect("went bowling with okonkwo and his cousin last night")
+        os._exit(0 if any(d.type == "PERSON" for d in found) else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0

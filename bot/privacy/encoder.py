@@ -10,6 +10,7 @@ fine-tuned on top of its word embeddings, and a fingerprint of those is checked 
 from __future__ import annotations
 
 import hashlib
+import os
 import threading
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -187,13 +188,16 @@ class TokenEncoder:
         self._pending: dict[str, Future[tuple[list[tuple[int, int]], np.ndarray]]] = {}
         self._pending_lock = threading.Lock()
         self._worker: ThreadPoolExecutor | None = None
+        self._worker_pid = 0
 
     def prefetch(self, text: str) -> None:
         with self._pending_lock:
             if text in self._pending:
                 return
-            if self._worker is None:
+            if self._worker is None or self._worker_pid != os.getpid():
+                # A forked child inherits the executor but not its thread: a fresh one, or it would wait forever.
                 self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="name-encoder")
+                self._worker_pid = os.getpid()
             self._pending[text] = self._worker.submit(self._encode, text)
 
     def forget(self, text: str) -> None:
