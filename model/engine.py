@@ -250,6 +250,38 @@ class Engine:
         while any(not r.done for r in requests):
             self.step()
 
+    def score(self, prompt: list[int], continuations: Sequence[list[int]]) -> list[float]:
+        """The log-probability of each continuation after ``prompt`` (summed over its tokens), with the
+        weights the engine serves. The prompt is prefilled once, in its own cache row (reusing a cached
+        prefix: usually the one its generation just left), and each continuation runs on top of it; the
+        running requests' rows are not touched, so this may run between any two steps."""
+        if not prompt:
+            raise ValueError("empty prompt")
+        row = self.max_batch + 1
+        self._ensure_capacity(len(prompt) + max((len(c) for c in continuations), default=0))
+        scores: list[float] = []
+        with torch.inference_mode():
+            start = self._reuse_prefix(prompt, row)
+            while start < len(prompt):
+                end = min(len(prompt), start + self.prefill_chunk)
+                ids = torch.tensor([prompt[start:end]], device=self.device)
+                last = self._forward(ids, rows=[row], starts=[start], last_only=True)
+                start = end
+            self._remember_prefix(prompt, 0, row)
+            first = torch.log_softmax(last[0], -1)
+            for tokens in continuations:
+                if not tokens:
+                    scores.append(0.0)
+                    continue
+                total = float(first[tokens[0]])
+                if len(tokens) > 1:
+                    ids = torch.tensor([tokens[:-1]], device=self.device)
+                    logits = self._forward(ids, rows=[row], starts=[len(prompt)], last_only=False)[0]
+                    following = torch.tensor(tokens[1:], device=self.device)[:, None]
+                    total += float(torch.log_softmax(logits, -1).gather(1, following).sum())
+                scores.append(total)
+        return scores
+
     def step(self) -> list[Request]:
         """One prefill chunk (for the oldest waiting request, when a slot is free) and one decode step
         for every running request. Returns the requests that finished in this step."""
@@ -334,11 +366,12 @@ class Engine:
         return len(r.ids) + len(r.generated) - 1
 
     def _ensure_capacity(self, tokens: int) -> None:
-        """Key/value buffers for ``max_batch`` rows plus one staging row (the prefill), grown by doubling."""
+        """Key/value buffers for ``max_batch`` rows plus a staging row (the prefill) and a scoring row
+        (``score``, which may run while a long prompt is half prefilled), grown by doubling."""
         if tokens <= self._capacity:
             return
         capacity = max(256, 1 << math.ceil(math.log2(tokens)))
-        shape = (self.max_batch + 1, self.kv_heads, capacity, self.head_dim)
+        shape = (self.max_batch + 2, self.kv_heads, capacity, self.head_dim)
         keys = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.layers]
         values = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.layers]
         for old, new in zip(self._keys + self._values, keys + values):
@@ -357,7 +390,7 @@ class Engine:
         self._ensure_capacity(len(r.ids) + r.max_new_tokens)
         if r._prefilled == 0:
             r.started = time.monotonic()
-            reused = self._reuse_prefix(r.ids)
+            reused = self._reuse_prefix(r.ids, stage)
             if reused:
                 r.reused_prefix = r._prefilled = reused
         start = r._prefilled
@@ -367,7 +400,7 @@ class Engine:
         r._prefilled = end
         if end < len(r.ids):
             return False
-        self._remember_prefix(r.ids, r.keep_prefix)
+        self._remember_prefix(r.ids, r.keep_prefix, stage)
         row = len(self.running)
         n = len(r.ids)
         for keys, values in zip(self._keys, self._values):
@@ -377,9 +410,9 @@ class Engine:
         r.generated.append(self._pick(logits, [r])[0])
         return True
 
-    def _reuse_prefix(self, ids: list[int]) -> int:
-        """Copy the longest cached prefix of ``ids`` (leaving at least one token to prefill) into the
-        staging row; returns its length."""
+    def _reuse_prefix(self, ids: list[int], stage: int) -> int:
+        """Copy the longest cached prefix of ``ids`` (leaving at least one token to prefill) into cache
+        row ``stage``; returns its length."""
         best: tuple[int, ...] | None = None
         for prefix in self._prefixes:
             n = len(prefix)
@@ -388,7 +421,7 @@ class Engine:
         if best is None:
             return 0
         self._prefixes.move_to_end(best)
-        stage, n = self.max_batch, len(best)
+        n = len(best)
         for (pk, pv), keys, values in zip(self._prefixes[best], self._keys, self._values):
             keys[stage, :, :n] = pk
             values[stage, :, :n] = pv
@@ -396,8 +429,8 @@ class Engine:
         self.prefix_tokens_reused += n
         return n
 
-    def _remember_prefix(self, ids: list[int], keep: int = 0) -> None:
-        """Keep openings worth reusing, from the staging row the prompt was just prefilled in: the one
+    def _remember_prefix(self, ids: list[int], keep: int, stage: int) -> None:
+        """Keep openings worth reusing, from cache row ``stage`` the prompt was just prefilled in: the one
         its caller marked (the system turn: instructions and tickets, which the same problem asked again
         will share) and the one it shares with the previous prompt (at least the instructions)."""
         previous, self._last_ids = self._last_ids, ids
@@ -413,7 +446,6 @@ class Engine:
             key = tuple(ids[:n])
             if n < self.min_prefix or key in self._prefixes:
                 continue
-            stage = self.max_batch
             self._prefixes[key] = [(k[stage, :, :n].clone(), v[stage, :, :n].clone())
                                    for k, v in zip(self._keys, self._values)]
             while len(self._prefixes) > self.prefix_slots:

@@ -236,6 +236,15 @@ class LanguageModel:
                 results.append(Generation("", len(r.ids), 0, 0.0, True))  # the batch caller sees timed_out
         return results
 
+    def score(self, messages: Sequence[dict[str, str]], answers: Sequence[str]) -> list[float]:
+        """How likely the served model is to answer ``messages`` with each of ``answers``: the summed
+        log-probability of its tokens (at most ``max_new_tokens``, what the model could write at all)."""
+        ids = self.render(messages)
+        limit = self.settings.max_new_tokens
+        tokens = [list(self.tokenizer(a, add_special_tokens=False)["input_ids"])[:limit] for a in answers]
+        with self._lock:
+            return self.engine.score(ids, tokens)
+
     def _streamer(self, on_text: Callable[[str], None]) -> Callable[[int], None]:
         """Token ids in, text pieces out: a piece is passed on once it decodes to whole characters."""
         tokens: list[int] = []

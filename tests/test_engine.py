@@ -161,3 +161,41 @@ def test_penalties_match_transformers_generate(lm):
         )
     reference = [t for t in out[0, ids.shape[1]:].tolist() if t not in lm._eos_ids()]
     assert request.generated == reference[: len(request.generated)] and request.generated
+
+
+def test_score_is_the_models_log_probability_and_leaves_running_requests_alone(lm):
+    import torch
+
+    messages = build_messages(question=QUESTIONS[0])
+    prompt = lm.render(messages)
+    answers = ["Replace the fuser unit.", "Clear the paper path and reseat the tray.", "x"]
+    expected = []
+    for answer in answers:
+        tokens = lm.tokenizer(answer, add_special_tokens=False)["input_ids"]
+        with torch.inference_mode():
+            logits = lm.model(input_ids=torch.tensor([prompt + tokens])).logits[0, len(prompt) - 1 : -1]
+        expected.append(float(torch.log_softmax(logits.float(), -1).gather(1, torch.tensor(tokens)[:, None]).sum()))
+
+    engine = _engine(lm, prefill_chunk=32, cpu_weights="fp32")
+    alone = _request(lm, QUESTIONS[1])
+    engine.run([alone])
+    # Scored while another request is half prefilled and a third is decoding: both keep their text.
+    engine = _engine(lm, prefill_chunk=32, cpu_weights="fp32")
+    decoding, prefilling = _request(lm, QUESTIONS[1]), _request(lm, QUESTIONS[1])
+    engine.add(decoding)
+    while not decoding.generated:
+        engine.step()
+    engine.add(prefilling)
+    engine.step()
+    assert 0 < prefilling._prefilled < len(prefilling.ids)
+    scores = engine.score(prompt, [lm.tokenizer(a, add_special_tokens=False)["input_ids"] for a in answers])
+    assert scores == pytest.approx(expected, abs=2e-3)
+    while not (decoding.done and prefilling.done):
+        engine.step()
+    assert decoding.generated == alone.generated == prefilling.generated
+    # Once more: the prompt's keys and values now come from the prefix cache, with the same result.
+    hits = engine.prefix_hits
+    assert engine.score(prompt, [lm.tokenizer(answers[0], add_special_tokens=False)["input_ids"]]) == pytest.approx(
+        expected[:1], abs=2e-3)
+    assert engine.prefix_hits == hits + 1
+    assert lm.score(messages, answers[:2]) == pytest.approx(expected[:2], abs=0.2)  # the served fp16 weights
