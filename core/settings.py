@@ -42,6 +42,11 @@ class Settings(BaseSettings):
     history_turns: int = Field(6, ge=0, description="Earlier turns of the conversation put in the prompt")
     repetition_penalty: float = Field(1.15, ge=1.0, description="Penalty on tokens already generated (1 is off)")
     no_repeat_ngram_size: int = Field(4, ge=0, description="No n-gram of this many tokens is generated twice; 0 is off")
+    rank_fixes: Literal["off", "adapter", "always"] = Field(
+        "adapter",
+        description="Which confident ticket's fix leads the answer: the one the served model finds most likely "
+        "(with an adapter trained on the company's tickets, or always), or off: the retriever's first",
+    )
     trusted_domains: list[str] = Field(
         default_factory=list,
         description='Company domains an answer may link or mail to, JSON: \'["acme.com"]\'; others are removed',

@@ -243,7 +243,10 @@ class LanguageModel:
         limit = self.settings.max_new_tokens
         tokens = [list(self.tokenizer(a, add_special_tokens=False)["input_ids"])[:limit] for a in answers]
         with self._lock:
-            return self.engine.score(ids, tokens)
+            try:
+                return self.engine.score(ids, tokens)
+            except (RuntimeError, ValueError) as err:
+                raise ModelError(f"scoring failed: {err}") from err
 
     def _streamer(self, on_text: Callable[[str], None]) -> Callable[[int], None]:
         """Token ids in, text pieces out: a piece is passed on once it decodes to whole characters."""

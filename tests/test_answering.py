@@ -147,3 +147,39 @@ def test_tickets_are_quoted_as_untrusted_data_within_a_budget():
     assert block.count("<tickets>") == 1 and block.count("</tickets>") == 1 and block.endswith("</tickets>")
     assert "[ticket SB-1]" in block  # the ticket after a hostile one is still inside the block
     assert len(block) < 2000  # long tickets are cut per part, not pasted whole
+
+
+def test_the_fix_the_model_finds_likeliest_leads_and_stays_word_for_word():
+    from workers.compose import by_model
+
+    other = TicketHit(id="SB-2", title="Label printer prints faint", work_performed="Cleaned the print head.",
+                      hours=0.3, score=0.8)
+    seen = []
+
+    def score(fixes):
+        seen.append(list(fixes))
+        return [-9.0, -2.5]  # the second ticket's fix is the likelier one
+
+    assert [h.id for h in by_model([HIT, other], score, "always", adapted=False)] == ["SB-2", "SB-1"]
+    assert seen == [["Replaced the ribbon.", "Cleaned the print head."]]  # each ticket's own fix, as stored
+    assert [h.id for h in by_model([HIT, other], score, "adapter", adapted=True)] == ["SB-2", "SB-1"]
+    # Without an adapter trained on the tickets ("adapter"), or "off", or one ticket: the retriever's order.
+    assert [h.id for h in by_model([HIT, other], score, "adapter", adapted=False)] == ["SB-1", "SB-2"]
+    assert [h.id for h in by_model([HIT, other], score, "off", adapted=True)] == ["SB-1", "SB-2"]
+    assert by_model([HIT], score, "always", adapted=True) == [HIT] and len(seen) == 2
+    composed = compose("", by_model([HIT, other], score, "always", adapted=False), 0.4, question=QUESTION)
+    assert composed.text.startswith("What fixed this before: Cleaned the print head. (SB-2, about 0.3 h)")
+    assert "[SB-1]" in composed.text  # still a source
+
+
+@pytest.mark.slow
+def test_the_real_model_prefers_a_repair_to_noise(settings):
+    from model.prompt import build_messages
+    from model.runtime import LanguageModel
+    from workers.compose import by_model
+
+    lm = LanguageModel(settings)
+    noise = TicketHit(id="SB-9", title="Label printer", work_performed="qzx vvk plm ttr qqj zzk", score=0.9)
+    messages = build_messages(question=QUESTION, tickets=[noise, HIT])
+    ranked = by_model([noise, HIT], lambda fixes: lm.score(messages, fixes), "always", adapted=False)
+    assert [h.id for h in ranked] == ["SB-1", "SB-9"]

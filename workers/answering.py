@@ -16,7 +16,7 @@ from core.schema import Message, MessageRole, MessageStatus, ModelStatus, ModelV
 from core.settings import Settings
 from core.types import SearchResult, TicketHit
 from model.prompt import Turn, build_messages, estimate_hours
-from workers.compose import Composed, compose, for_technician
+from workers.compose import Composed, by_model, compose, for_technician
 from workers.observability import COMPOSITION
 
 log = logging.getLogger(__name__)
@@ -180,6 +180,11 @@ class Answerer:
         hits = prompt_tickets(result, self.settings.min_confidence)
         messages = build_messages(question=query, tickets=hits, history=turns)
         generation = self.batcher.generate(messages, timeout_s=self.settings.answer_soft_limit_s)
+        try:
+            hits = by_model(hits, lambda fixes: self.batcher.call(self.model.score, messages, fixes),
+                            self.settings.rank_fixes, adapted=self.model.adapter_path is not None)
+        except SupportbotError as err:  # the retriever's order is still a good answer
+            log.warning("ranking the fixes failed, the retriever's order stays: %s", err)
         hours = estimate_hours(hits)
         composed = compose(
             generation.text,

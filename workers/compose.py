@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import re
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 from core import texts
@@ -176,12 +176,35 @@ def _about_tickets(text: str, question: str, hits: Sequence[TicketHit]) -> tuple
 
 def _short_fix(ticket: TicketHit) -> str:
     # Repair notes often repeat a sentence ("TIGHTENED HOSE CLAMPS." six times): say it once.
-    fix = _dedupe_sentences((ticket.work_performed or ticket.condition or ticket.title).strip())
+    fix = _dedupe_sentences(fix_text(ticket))
     if len(fix) <= MAX_FIX_CHARS:
         return fix
     cut = fix[:MAX_FIX_CHARS]
     end = max(cut.rfind(". "), cut.rfind(".\n"))
     return (cut[: end + 1] if end > MAX_FIX_CHARS // 2 else cut.rstrip() + "…").strip()
+
+
+def fix_text(ticket: TicketHit) -> str:
+    return (ticket.work_performed or ticket.condition or ticket.title).strip()
+
+
+def by_model(
+    hits: Sequence[TicketHit], score: Callable[[Sequence[str]], list[float]], mode: str, adapted: bool
+) -> list[TicketHit]:
+    """The confident tickets, the one whose fix the served model is most likely to write first.
+
+    Retrieval ranks tickets by how much they resemble the question; a model trained on the company's
+    question -> repair pairs (``train --from-tickets``) has also learned which repair such a problem
+    usually gets, and reads the question beside all the tickets. ``score`` gives its log-probability of
+    each fix, summed over the fix's tokens (the probability of writing it whole). The fix quoted in the
+    answer stays a proven one, word for word; only the choice among the confident tickets moves.
+    ``mode``: "off", "adapter" (only when an adapter is served) or "always"."""
+    hits = list(hits)
+    if len(hits) < 2 or mode == "off" or (mode == "adapter" and not adapted):
+        return hits
+    scores = score([fix_text(h) for h in hits])
+    order = sorted(range(len(hits)), key=lambda i: -scores[i])  # stable: ties keep the retriever's order
+    return [hits[i] for i in order]
 
 
 @dataclass

@@ -66,4 +66,6 @@ def _rag(args: argparse.Namespace, settings: Settings) -> int:
     lat = report["latency_ms"]
     print(f"model text dropped {report['model_text_dropped']:.0%}, not sure {report['not_sure']:.0%}, "
           f"answers with loops {report['answers_with_loops']}, latency p50 {lat['p50']} ms / p95 {lat['p95']} ms")
+    print(f"fix ranking {report['rank_fixes']}: the model moved another ticket's fix first in "
+          f"{report['lead_moved']} answers")
     return 0

@@ -30,7 +30,7 @@ from core.errors import InputError
 from core.settings import Settings
 from model.prompt import build_messages, estimate_hours
 from retrieval.evaluate import json_objects
-from workers.compose import compose, is_loop
+from workers.compose import by_model, compose, is_loop
 
 log = logging.getLogger(__name__)
 
@@ -145,13 +145,17 @@ def evaluate_rag(
             result = index.search(case.question, k=settings.retrieval_k)
             if result.hits and result.confidence >= settings.min_confidence:
                 hits = [h for h in result.hits if h.score >= settings.min_confidence] or result.hits[:1]
-                generation = lm.generate([build_messages(question=case.question, tickets=hits)])[0]
+                messages = build_messages(question=case.question, tickets=hits)
+                generation = lm.generate([messages])[0]
+                hits = by_model(hits, lambda fixes: lm.score(messages, fixes), settings.rank_fixes,  # noqa: B023
+                                adapted=lm.adapter_path is not None)
                 composed = compose(generation.text, hits, estimate_hours(hits), question=case.question,
                                    trusted_domains=settings.trusted_domains)
                 answer, fell_back, notes = composed.text, composed.fallback, composed.notes
+                lead = hits[0].id
                 model_text = generation.text
             else:
-                answer, fell_back, notes, model_text = texts.NOT_SURE, False, ["not sure"], ""
+                answer, fell_back, notes, model_text, lead = texts.NOT_SURE, False, ["not sure"], "", None
                 not_sure += 1
             latencies.append((time.perf_counter() - started) * 1000)
             fallback += fell_back
@@ -161,7 +165,7 @@ def evaluate_rag(
             references.append(case.reference)
             shown.append({"id": case.id, "question": case.question, "reference": case.reference,
                           "model_text": model_text, "answer": answer, "fallback": fell_back, "notes": notes,
-                          "hits": [h.id for h in result.hits]})
+                          "hits": [h.id for h in result.hits], "lead": lead})
         served = lm.version if adapter else settings.base_model
         # The model alone, on the same questions: the base model, no adapter, no tickets. It does not
         # depend on the adapter, so a comparison of adapters on the same questions may skip it.
@@ -178,6 +182,8 @@ def evaluate_rag(
         "questions": n,
         "indexed_tickets": len(report.added) + len(report.updated) + report.unchanged,
         "model": served,
+        "rank_fixes": settings.rank_fixes,
+        "lead_moved": sum(1 for c in shown if c["lead"] and c["hits"] and c["lead"] != c["hits"][0]),
         "delivered": rouge(delivered, references),
         "baselines": {"top_ticket": rouge(top_ticket, references),
                       "no_retrieval": rouge(no_retrieval, references) if model_baseline else None},
