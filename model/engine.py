@@ -60,6 +60,8 @@ class Request:
     min_new_tokens: int = 0
     on_token: Callable[[int], None] | None = None
     generated: list[int] = field(default_factory=list)
+    # The model's own log-probability of each generated token, before penalties and bans: how sure it was.
+    logprobs: list[float] = field(default_factory=list)
     timed_out: bool = False
     done: bool = False
     error: BaseException | None = None
@@ -330,6 +332,7 @@ class Engine:
             last = r.generated[-1]
             if last in self.eos_ids and len(r.generated) > r.min_new_tokens:
                 r.generated.pop()  # the end of text is not part of the answer, nor streamed
+                r.logprobs.pop()
                 done.append(r)
                 continue
             if r.on_token is not None:
@@ -547,6 +550,7 @@ class Engine:
         """The next token per row: repetition penalty and banned n-grams as ``generate`` applies them,
         then greedy or temperature sampling."""
         s = self.sampling
+        own = torch.log_softmax(logits, -1)  # the model's belief, before the loop guards change it
         if s.repetition_penalty != 1.0:
             seen = torch.stack([r._seen for r in rows])  # type: ignore[misc]
             penalized = torch.where(logits < 0, logits * s.repetition_penalty, logits / s.repetition_penalty)
@@ -567,7 +571,8 @@ class Engine:
             tokens = torch.multinomial(scaled.softmax(-1), 1)[:, 0].tolist()
         else:
             tokens = logits.argmax(-1).tolist()
-        for r, token in zip(rows, tokens):
+        for i, (r, token) in enumerate(zip(rows, tokens)):
+            r.logprobs.append(float(own[i, token]))
             self._note(r, token)
         return tokens
 

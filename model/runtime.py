@@ -40,6 +40,8 @@ class Generation:
     new_tokens: int
     seconds: float
     timed_out: bool = False
+    # The mean of the model's log-probability of each token it wrote (None: nothing written).
+    certainty: float | None = None
 
 
 def pick_device(setting: str) -> str:
@@ -202,7 +204,8 @@ class LanguageModel:
         seconds = (request.finished or time.monotonic()) - request.started
         if request.timed_out and not text:
             raise GenerationTimeout(f"no answer within {self.settings.generation_timeout_s:g} s")
-        return Generation(text, len(request.ids), len(request.generated), seconds, request.timed_out)
+        certainty = sum(request.logprobs) / len(request.logprobs) if request.logprobs else None
+        return Generation(text, len(request.ids), len(request.generated), seconds, request.timed_out, certainty)
 
     def generate(
         self,

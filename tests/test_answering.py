@@ -183,3 +183,24 @@ def test_the_real_model_prefers_a_repair_to_noise(settings):
     messages = build_messages(question=QUESTION, tickets=[noise, HIT])
     ranked = by_model([noise, HIT], lambda fixes: lm.score(messages, fixes), "always", adapted=False)
     assert [h.id for h in ranked] == ["SB-1", "SB-9"]
+
+
+def test_text_the_model_was_unsure_of_is_dropped():
+    useful = "Reseat the ribbon. Then run a calibration from the menu."
+    assert compose(useful, [HIT], 0.5, question=QUESTION, certainty=-0.4).text.startswith(useful)
+    assert compose(useful, [HIT], 0.5, question=QUESTION).text.startswith(useful)  # unknown: not judged
+    unsure = compose(useful, [HIT], 0.5, question=QUESTION, certainty=-1.46)
+    assert unsure.fallback and useful not in unsure.text
+    assert unsure.notes == ["unsure (mean token log-probability -1.46)"]
+
+
+def test_words_that_exist_nowhere_are_not_an_answer():
+    rocker = TicketHit(id="MN-1", title="#1 ROCKER COVER LEAKING", work_performed="REPLACED GASKET. SAFETIED IAW MM.",
+                       score=0.9)
+    garbled = compose("REMOVED & REPAIRED ROCKERCOVE GECKET WITH NEW ONE.", [rocker], None,
+                      question="#3 ROCKER COVER LEAKING")
+    assert garbled.fallback and "GECKET" not in garbled.text
+    assert garbled.notes == ["made-up words: ROCKERCOVE, GECKET"]
+    # The tickets' own jargon and abbreviations are words: they come from the tickets.
+    kept = compose("REPLACED ROCKER COVER GASKET, SAFETIED IAW MM.", [rocker], None, question="#3 ROCKER COVER LEAKING")
+    assert not kept.fallback

@@ -193,6 +193,10 @@ def test_score_is_the_models_log_probability_and_leaves_running_requests_alone(l
     while not (decoding.done and prefilling.done):
         engine.step()
     assert decoding.generated == alone.generated == prefilling.generated
+    # Each generated token carries the model's own log-probability of it (before the penalties): summed,
+    # what scoring the same tokens gives.
+    assert len(alone.logprobs) == len(alone.generated) and all(p <= 0 for p in alone.logprobs)
+    assert sum(alone.logprobs) == pytest.approx(engine.score(alone.ids, [alone.generated])[0], abs=2e-3)
     # Once more: the prompt's keys and values now come from the prefix cache, with the same result.
     hits = engine.prefix_hits
     assert engine.score(prompt, [lm.tokenizer(answers[0], add_special_tokens=False)["input_ids"]]) == pytest.approx(

@@ -194,6 +194,7 @@ class Answerer:
             # What the user said may come back (their own phone number); nothing else may.
             user_texts=[t.content for t in turns if t.role == "user"],
             trusted_domains=self.settings.trusted_domains,
+            certainty=generation.certainty,
         )
         if generation.timed_out:
             composed.text = texts.CUT_SHORT + "\n\n" + composed.text  # the user knows why it stops mid-way

@@ -150,12 +150,13 @@ def evaluate_rag(
                 hits = by_model(hits, lambda fixes: lm.score(messages, fixes), settings.rank_fixes,  # noqa: B023
                                 adapted=lm.adapter_path is not None)
                 composed = compose(generation.text, hits, estimate_hours(hits), question=case.question,
-                                   trusted_domains=settings.trusted_domains)
+                                   trusted_domains=settings.trusted_domains, certainty=generation.certainty)
                 answer, fell_back, notes = composed.text, composed.fallback, composed.notes
-                lead = hits[0].id
+                lead, certainty = hits[0].id, generation.certainty
                 model_text = generation.text
             else:
                 answer, fell_back, notes, model_text, lead = texts.NOT_SURE, False, ["not sure"], "", None
+                certainty = None
                 not_sure += 1
             latencies.append((time.perf_counter() - started) * 1000)
             fallback += fell_back
@@ -164,7 +165,7 @@ def evaluate_rag(
             top_ticket.append(result.hits[0].work_performed if result.hits else "")
             references.append(case.reference)
             shown.append({"id": case.id, "question": case.question, "reference": case.reference,
-                          "model_text": model_text, "answer": answer, "fallback": fell_back, "notes": notes,
+                          "model_text": model_text, "certainty": certainty, "answer": answer, "fallback": fell_back, "notes": notes,
                           "hits": [h.id for h in result.hits], "lead": lead})
         served = lm.version if adapter else settings.base_model
         # The model alone, on the same questions: the base model, no adapter, no tickets. It does not
