@@ -43,9 +43,9 @@ class Settings(BaseSettings):
     repetition_penalty: float = Field(1.15, ge=1.0, description="Penalty on tokens already generated (1 is off)")
     no_repeat_ngram_size: int = Field(4, ge=0, description="No n-gram of this many tokens is generated twice; 0 is off")
     rank_fixes: Literal["off", "adapter", "always"] = Field(
-        "adapter",
-        description="Which confident ticket's fix leads the answer: the one the served model finds most likely "
-        "(with an adapter trained on the company's tickets, or always), or off: the retriever's first",
+        "off",
+        description="Which confident ticket's fix leads the answer: the retriever's first (off), or the one the "
+        "served model finds most likely (with an adapter, or always); turn on where `eval rag` shows it wins",
     )
     trusted_domains: list[str] = Field(
         default_factory=list,
