@@ -61,8 +61,9 @@ def register(groups: Groups) -> None:
     groups = {**groups, "retrieval": rsub}
     p = add(groups, "retrieval", "tune", _tune,
             "Fine-tune the embedding model on the stored tickets; keep it only if it scores better")
-    p.add_argument("--method", choices=["adapter", "full"], default="adapter",
-                   help="adapter: linear map on frozen MiniLM (seconds on CPU); full: all weights (GPU-sized)")
+    p.add_argument("--method", choices=["auto", "adapter", "full"], default="auto",
+                   help="adapter: linear map on frozen MiniLM (seconds on CPU); full: all weights (minutes per "
+                        "thousand tickets on CPU); auto: both, the better one on held-out tickets kept")
     p.add_argument("--epochs", type=int, default=None, help="full method: passes over the pairs")
     p.add_argument("--batch-size", type=int, default=None, help="full method: pairs per step")
     p.add_argument("--learning-rate", type=float, default=None, help="full method: learning rate")

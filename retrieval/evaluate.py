@@ -157,7 +157,9 @@ def crossval(*, settings: Settings, pairs_path: Path, question_field: str = "que
     """
     from retrieval.tune import Pair, TuneConfig, base_vectors, fit
 
-    config = tune_config or TuneConfig()
+    config = tune_config or TuneConfig(method="adapter")  # one method per estimate: --method chooses
+    if grid:  # the nested estimate chooses among the adapter's settings
+        grid = [replace(g, method="adapter") for g in grid]
     rows = read_pairs(pairs_path, question_field=question_field, answer_field=answer_field)
     order = list(range(len(rows)))
     random.Random(seed).shuffle(order)

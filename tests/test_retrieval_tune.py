@@ -42,8 +42,8 @@ def test_tune_adapter_keeps_a_better_model_and_the_index_follows(env):
     pairs = pairs_from_store(db=db)
     assert len(pairs) == 42 and all(p.query and p.positive for p in pairs)
     # min_gain below zero: keep whatever comes out, so the activation path is always exercised.
-    report = tune(settings=settings, db=db, config=TuneConfig(min_gain=-1.0, adapter_epochs=5))
-    assert report.kept and report.heldout_pairs > 0
+    report = tune(settings=settings, db=db, config=TuneConfig(method="adapter", min_gain=-1.0, adapter_epochs=5))
+    assert report.kept and report.heldout_pairs > 0 and report.method == "adapter" and set(report.tried) == {"adapter"}
     assert {"recall@5", "mrr"} <= set(report.before) and {"recall@5", "mrr"} <= set(report.after)
     tuned_dir = Path(active_pointer(settings).read_text().strip())
     assert resolve_model_dir(settings) == tuned_dir
@@ -103,3 +103,19 @@ def test_nested_cv_chooses_adapter_settings_inside_the_training_folds(env, tmp_p
     (fold,) = result["folds"]
     assert fold["chosen"]["adapter_epochs"] in (1, 5) and 0.0 <= fold["inner_recall@5"] <= 1.0
     assert {"recall@5", "mrr"} <= set(result["tuned_mean"]) and result["tuned_mean"]["n"] == 21
+
+
+@pytest.mark.slow
+def test_tune_auto_tries_both_methods_and_keeps_the_better(env):
+    settings, db = env
+    ingest_file(settings=settings, db=db, path=SEED_FILE)
+    report = tune(settings=settings, db=db, config=TuneConfig(min_gain=-1.0, adapter_epochs=5))
+    assert report.config["method"] == "auto" and set(report.tried) == {"adapter", "full"}
+    assert report.method == max(("adapter", "full"), key=lambda m: report.tried[m]["mrr"])
+    assert report.after == report.tried[report.method] and report.kept
+    tuned_dir = Path(active_pointer(settings).read_text().strip())
+    assert json.loads((tuned_dir / "tune_report.json").read_text())["method"] == report.method
+    # Only the kept model stays on disk; the other method's folder is gone.
+    assert [p.name for p in tuned_dir.parent.iterdir() if p.name.startswith("embedder-")] == [tuned_dir.name]
+    index = TicketIndex.open(settings=settings, db=db)
+    assert index.status()["model"] == str(tuned_dir)
