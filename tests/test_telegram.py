@@ -295,10 +295,16 @@ def test_webhook_refuses_a_wrong_secret_and_answers_with_the_right_one(stack):
         assert session.query(Message).filter(Message.idempotency_key == f"telegram:91:{asked['message_id']}").count() == 0
     assert deliver({"update_id": next(_update_ids), "message": asked}, SECRET) == 200
     assert "T-100" in replies_to(fake, 91, asked["message_id"])[0]["text"]
-    with db.session() as session:
-        row = session.query(Message).filter(Message.idempotency_key == f"telegram:91:{asked['message_id']}").one()
-        reply = session.query(Message).filter(Message.reply_to_id == row.id).one()
-        assert reply.role == MessageRole.assistant and reply.status == MessageStatus.sent
+    # The worker marks the reply sent once sendMessage has returned, which is just after the fake saw it.
+    deadline = time.monotonic() + 10
+    while True:
+        with db.session() as session:
+            row = session.query(Message).filter(Message.idempotency_key == f"telegram:91:{asked['message_id']}").one()
+            reply = session.query(Message).filter(Message.reply_to_id == row.id).one()
+        if reply.status == MessageStatus.sent or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    assert reply.role == MessageRole.assistant and reply.status == MessageStatus.sent
 
 
 def test_long_answers_split_at_sentences_within_telegram_limits_and_escaped():
