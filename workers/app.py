@@ -71,6 +71,10 @@ def configure(settings: Settings) -> Celery:
         },
     )
     if settings.embedded_broker:
+        from kombu.transport import TRANSPORT_ALIASES
+
+        # Whole messages only (workers/broker.py): kombu's own can hand a worker a half-written file.
+        TRANSPORT_ALIASES["filesystem"] = "workers.broker:Transport"
         folder = str(settings.broker_dir / "in")
         conf["broker_transport_options"] = {
             "data_folder_in": folder,
