@@ -10,8 +10,10 @@ from kombu import Connection
 
 
 def _connection(folder: Path, transport: str = "workers.broker:Transport") -> Connection:
+    # control_folder too: kombu's default is ./control in the working directory (the repository).
     options = {"data_folder_in": str(folder), "data_folder_out": str(folder),
-               "processed_folder": str(folder.parent / "processed"), "store_processed": False}
+               "processed_folder": str(folder.parent / "processed"), "store_processed": False,
+               "control_folder": str(folder.parent / "control")}
     return Connection(transport=transport, transport_options=options)
 
 
