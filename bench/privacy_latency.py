@@ -70,7 +70,6 @@ def main() -> None:
 
     from bot.privacy import Anonymizer
     from bot.privacy.config import PrivacyConfig
-    from bot.privacy.encoder import native_bf16
     from core.settings import load_settings
 
     messages = training_messages(args.data_dir.resolve(), args.messages)
@@ -78,13 +77,16 @@ def main() -> None:
     before = Anonymizer(replace(shipped, name_model_int8=False, name_model_bf16=False))
     before.engine.overlap = False
     paths = {"before": before, "shipped": Anonymizer(shipped)}
-    settings = {
-        "before": "fp32, name model after spaCy",
-        "shipped": (
-            f"{'int8' if shipped.name_model_int8 else 'bf16' if shipped.name_model_bf16 and native_bf16() else 'fp32'}"
-            f", name model {'beside' if paths['shipped'].engine.overlap else 'after'} spaCy"
-        ),
-    }
+
+    def described(anonymizer: Anonymizer) -> str:  # what the engine actually runs, not what was asked
+        engine = anonymizer.engine
+        encoder = engine.name_finder.encoder
+        if encoder is None:
+            return "rules only"
+        precision = "int8" if encoder.int8 else "bf16" if encoder.bf16 else "fp32"
+        return f"{precision}, name model {'beside' if engine.overlap else 'after'} spaCy"
+
+    settings = {name: described(anonymizer) for name, anonymizer in paths.items()}
     for anonymizer in paths.values():  # first calls build caches and torch kernels
         for text in messages[:5]:
             anonymizer.anonymize(text, scope=None)

@@ -177,6 +177,11 @@ def check_model_text(
 TEXT_GROUNDING = 0.5
 
 
+def _ticket_words(ticket: TicketHit) -> str:
+    """A ticket's own text, without the labels of its rendering ("Problem:", "Fix:", "ticket")."""
+    return f"{ticket.title} {ticket.machine} {ticket.condition} {ticket.work_performed}"
+
+
 def made_up_words(text: str, question: str, hits: Sequence[TicketHit]) -> list[str]:
     """Words of the model's text (four letters or more) that are neither English (wordfreq's large list
     knows 300,000 words and many misspellings) nor written in the question or the cited tickets.
@@ -187,8 +192,7 @@ def made_up_words(text: str, question: str, hits: Sequence[TicketHit]) -> list[s
     pass; a word that exists nowhere does not."""
     from wordfreq import zipf_frequency
 
-    known = {w.lower() for w in re.findall(r"[A-Za-z]+", " ".join(
-        [question, *(f"{h.title} {h.machine} {h.condition} {h.work_performed}" for h in hits)]))}  # fmt: skip
+    known = {w.lower() for w in re.findall(r"[A-Za-z]+", " ".join([question, *map(_ticket_words, hits)]))}
     found = []
     for word in re.findall(r"(?<![\w-])[A-Za-z]{4,}(?![\w-])", text):
         lower = word.lower()
@@ -200,7 +204,7 @@ def made_up_words(text: str, question: str, hits: Sequence[TicketHit]) -> list[s
 def _about_tickets(text: str, question: str, hits: Sequence[TicketHit]) -> tuple[bool, str]:
     asked = stems(question)
     # The tickets' own words, not the labels of their rendering ("Problem:", "Fix:", "ticket").
-    known = set().union(*(stems(f"{h.title} {h.machine} {h.condition} {h.work_performed}") for h in hits)) - asked
+    known = set().union(*(stems(_ticket_words(h)) for h in hits)) - asked
     said = [stems(sentence) for sentence in sentences(text)]
     said = [own for own in said if own]
     about = sum(bool(own & known) for own in said)

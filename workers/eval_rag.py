@@ -108,6 +108,7 @@ def evaluate_rag(
     from retrieval.evaluate import temporary_store
     from retrieval.ingest import ingest_file
     from retrieval.search import TicketIndex
+    from workers.answering import prompt_tickets
 
     rows = json_objects(tickets)
     if questions is None:
@@ -144,7 +145,7 @@ def evaluate_rag(
             started = time.perf_counter()
             result = index.search(case.question, k=settings.retrieval_k)
             if result.hits and result.confidence >= settings.min_confidence:
-                hits = [h for h in result.hits if h.score >= settings.min_confidence] or result.hits[:1]
+                hits = prompt_tickets(result, settings.min_confidence)  # what the worker shows the model
                 messages = build_messages(question=case.question, tickets=hits)
                 generation = lm.generate([messages])[0]
                 hits = by_model(hits, lambda fixes: lm.score(messages, fixes), settings.rank_fixes,  # noqa: B023
