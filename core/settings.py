@@ -77,8 +77,10 @@ class Settings(BaseSettings):
     visibility_timeout_s: int = Field(600, ge=5, description="Redis: an unacknowledged task returns after this")
     answer_soft_limit_s: float = Field(300.0, gt=0, description="An answer task past this ends with a clear message")
     batch_max: int = Field(16, ge=1, description="Most conversations one forward pass serves")
-    cpu_weights: Literal["fp16", "fp32"] = Field(
-        "fp16", description="CPU weight format of the decode engine: fp16 (fbgemm, half the bytes) or exact fp32"
+    cpu_weights: Literal["auto", "bf16", "fp16", "fp32"] = Field(
+        "auto",
+        description="CPU weight format of the decode engine: auto (bf16 where the CPU computes bf16 natively, "
+        "else fp16), bf16 (oneDNN), fp16 (fbgemm, half the bytes of fp32) or exact fp32",
     )
     prefill_chunk: int = Field(
         128, ge=8, description="Prompt tokens prefilled per engine step, so a long prompt never stalls running answers"
