@@ -1,6 +1,7 @@
 """Load benchmark: N simulated users against a real worker, batched against one-at-a-time in the same run.
 
-  python -m bench.load [--users 16] [--seconds 90] [--modes 16,1] [--max-new-tokens 64] [--broker auto] [--json]
+  python -m bench.load [--users 16] [--seconds 90] [--modes 16,1] [--max-new-tokens 64] [--threads one|new]
+                       [--broker auto] [--json]
 
 Each user is a closed loop on the real path: intake (anonymize, store, queue) -> broker -> worker
 process -> SQL -> the user sees the reply, then asks the next question; a share of events is delivered
@@ -226,7 +227,9 @@ def run_mode(args: argparse.Namespace, concurrency: int, folder: Path, broker_ur
                 inbound = Inbound(
                     platform="bench",
                     channel="c",
-                    thread=f"u{index}",
+                    # One thread per user: every question after the first carries the earlier turns
+                    # (up to SUPPORTBOT_HISTORY_TURNS) in its prompt. "new": each question opens its own.
+                    thread=f"u{index}" if args.threads == "one" else f"u{index}-{n}",
                     user_external_id=f"user-{index}",
                     text=question,
                     event_id=event,
@@ -325,6 +328,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--duplicate-share", type=float, default=0.1, help="share of events delivered twice")
     parser.add_argument(
+        "--threads",
+        choices=["one", "new"],
+        default="one",
+        help="one: each user asks every question in one chat thread, so prompts carry the earlier turns "
+        "(the heavier case: each prompt prefills up to six turns of unrelated history); new: each question "
+        "opens its own thread, as a new problem in a channel does",
+    )
+    parser.add_argument(
         "--broker",
         choices=["auto", "redis", "file"],
         default="auto",
@@ -356,7 +367,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(
                     f"-- worker --concurrency {concurrency}: {args.users} users for {args.seconds:g} s "
                     f"({'redis' if url else 'file broker'}, max_new_tokens {args.max_new_tokens}, "
-                    f"torch threads {args.torch_threads or 'default'})",
+                    f"torch threads {args.torch_threads or 'default'}, threads: {args.threads})",
                     file=sys.stderr,
                     flush=True,
                 )
@@ -371,7 +382,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     if args.json:
         print(
-            json.dumps({"modes": [r.as_dict() for r in results], "throughput_ratio": _round(ratio)}, indent=2)
+            json.dumps({"modes": [r.as_dict() for r in results], "threads": args.threads,
+                        "throughput_ratio": _round(ratio)}, indent=2)
         )
     else:
         print(render(results))
