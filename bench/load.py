@@ -105,7 +105,7 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _worker_env(settings, metrics_port: int, torch_threads: int) -> dict[str, str]:  # type: ignore[no-untyped-def]
+def _worker_env(settings, metrics_port: int, torch_threads: int, weights: str) -> dict[str, str]:  # type: ignore[no-untyped-def]
     env = {k: v for k, v in os.environ.items() if not k.startswith("SUPPORTBOT_")}
     env.update(
         SUPPORTBOT_DATA_DIR=str(settings.data_dir),
@@ -114,6 +114,7 @@ def _worker_env(settings, metrics_port: int, torch_threads: int) -> dict[str, st
         SUPPORTBOT_RATE_LIMIT_PER_MINUTE="0",
         SUPPORTBOT_METRICS_PORT=str(metrics_port),
         SUPPORTBOT_TORCH_THREADS=str(torch_threads),
+        SUPPORTBOT_CPU_WEIGHTS=weights,
         PYTHONPATH=str(ROOT),
     )
     if settings.broker_url:
@@ -156,7 +157,9 @@ def _histogram_means(port: int, names: tuple[str, ...]) -> dict[str, float | Non
     return means
 
 
-def run_mode(args: argparse.Namespace, concurrency: int, folder: Path, broker_url: str | None) -> ModeResult:
+def run_mode(
+    args: argparse.Namespace, concurrency: int, folder: Path, broker_url: str | None, weights: str
+) -> ModeResult:
     from sqlalchemy import func, select
 
     from bot.cli import make_intake
@@ -196,7 +199,7 @@ def run_mode(args: argparse.Namespace, concurrency: int, folder: Path, broker_ur
         ],
         stdout=open(log, "ab"),
         stderr=subprocess.STDOUT,
-        env=_worker_env(settings, metrics_port, args.torch_threads),
+        env=_worker_env(settings, metrics_port, args.torch_threads, weights),
         cwd=ROOT,
     )
     result = ModeResult(concurrency=concurrency, users=args.users, seconds=args.seconds)
@@ -348,6 +351,13 @@ def main(argv: list[str] | None = None) -> int:
         help="worker torch threads (0: torch's default). On a CPU shared with other jobs, 1 avoids "
         "OpenMP oversubscription, which can slow the model down more than tenfold",
     )
+    parser.add_argument("--weights", default="auto", help="SUPPORTBOT_CPU_WEIGHTS of the batched worker")
+    parser.add_argument(
+        "--baseline-weights",
+        default="auto",
+        help="SUPPORTBOT_CPU_WEIGHTS of the one-at-a-time worker (the last mode): fp16 is faster than bf16 "
+        "for one row at a time, so '--baseline-weights fp16' gives that baseline its best form",
+    )
     parser.add_argument("--tickets", type=Path, default=FIXTURE, help="tickets to index (JSONL or CSV)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
@@ -367,11 +377,13 @@ def main(argv: list[str] | None = None) -> int:
                 print(
                     f"-- worker --concurrency {concurrency}: {args.users} users for {args.seconds:g} s "
                     f"({'redis' if url else 'file broker'}, max_new_tokens {args.max_new_tokens}, "
-                    f"torch threads {args.torch_threads or 'default'}, threads: {args.threads})",
+                    f"torch threads {args.torch_threads or 'default'}, threads: {args.threads}, "
+                    f"weights {args.baseline_weights if i == len(modes) - 1 and i > 0 else args.weights})",
                     file=sys.stderr,
                     flush=True,
                 )
-                results.append(run_mode(args, concurrency, Path(tmp) / f"mode-{concurrency}", url))
+                weights = args.baseline_weights if i == len(modes) - 1 and i > 0 else args.weights
+                results.append(run_mode(args, concurrency, Path(tmp) / f"mode-{concurrency}", url, weights))
         finally:
             if redis_server:
                 redis_server.stop()
@@ -383,6 +395,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         print(
             json.dumps({"modes": [r.as_dict() for r in results], "threads": args.threads,
+                        "weights": args.weights, "baseline_weights": args.baseline_weights,
                         "throughput_ratio": _round(ratio)}, indent=2)
         )
     else:

@@ -538,7 +538,11 @@ class Engine:
             mask = torch.ones(t, width, dtype=torch.bool, device=self.device).tril(diagonal=starts[0])[None, None]
         else:
             index = torch.tensor(starts, device=self.device)  # where each row's new key and value go
-            row_index = torch.tensor(rows, device=self.device)
+            # Each row's new key and value go to (row, head, index): one flat copy per buffer instead of
+            # advanced indexing (index_put cost 5x as much per layer at 16 rows).
+            heads_index = torch.arange(self.kv_heads, device=self.device)
+            slots = (torch.tensor(rows, device=self.device)[:, None] * self.kv_heads + heads_index) * self._capacity
+            slots = (slots + index[:, None]).reshape(-1)
             mask = (torch.arange(width, device=self.device)[None] < (index + 1)[:, None])[:, None, None]
         contiguous = rows == list(range(rows[0], rows[0] + batch))
         select = slice(rows[0], rows[0] + batch) if contiguous else torch.tensor(rows, device=self.device)
@@ -560,8 +564,8 @@ class Engine:
                 keys[rows[0], :, starts[0] : starts[0] + t] = k[0]
                 values[rows[0], :, starts[0] : starts[0] + t] = v[0]
             else:
-                keys[row_index, :, index] = k[:, :, 0]
-                values[row_index, :, index] = v[:, :, 0]
+                keys.view(-1, self.head_dim).index_copy_(0, slots, k.reshape(-1, self.head_dim))
+                values.view(-1, self.head_dim).index_copy_(0, slots, v.reshape(-1, self.head_dim))
             if t > 1:
                 attn = F.scaled_dot_product_attention(
                     q, keys[select, :, :width], values[select, :, :width], attn_mask=mask, scale=self.scaling,
