@@ -127,7 +127,10 @@ def breakdown() -> dict[str, float]:
     step("import celery + workers.tasks", lambda: __import__("workers.tasks"))
     step("import torch", lambda: __import__("torch"))
     step("import transformers", lambda: __import__("transformers"))
-    step("import workers.answering (faiss, retrieval, model.runtime)", lambda: __import__("workers.answering"))
+    step("import workers.answering (faiss, retrieval)", lambda: __import__("workers.answering"))
+    # transformers imports its model classes lazily: AutoModelForCausalLM pulls in modeling_utils, and with it
+    # torch.distributed.tensor, torch._dynamo, accelerate and scipy.optimize.
+    step("import model.runtime (transformers' model classes)", lambda: __import__("model.runtime"))
     from core.db import open_database
     from core.settings import load_settings
     from model.runtime import LanguageModel

@@ -459,13 +459,17 @@ def _sweep_once(max_age_s: float) -> dict[str, int]:
 # --- worker lifecycle: load the model before taking tasks, and report liveness -------------------
 
 
+def _beat(name: str, queues: str) -> None:
+    try:
+        with _claim_lock, database().session() as session:
+            _publish_heartbeat(session, name, queues)
+    except Exception as err:  # liveness reporting must never take the worker down
+        log.warning("heartbeat failed: %s", err)
+
+
 def _heartbeat_loop(name: str, queues: str, stop: threading.Event) -> None:
     while not stop.is_set():
-        try:
-            with _claim_lock, database().session() as session:
-                _publish_heartbeat(session, name, queues)
-        except Exception as err:  # liveness reporting must never take the worker down
-            log.warning("heartbeat failed: %s", err)
+        _beat(name, queues)
         stop.wait(HEARTBEAT_EVERY_S)
 
 
@@ -512,6 +516,9 @@ def _on_ready(sender=None, **_kwargs) -> None:  # type: ignore[no-untyped-def]
     ).start()
     if ANSWER_QUEUE in queues.split(","):
         answerer()  # load before the first task so the first answer is not a cold start
+        # Say so at once: `ask` and the admins' status read readiness from this row, and the loop's
+        # next beat may be up to HEARTBEAT_EVERY_S away.
+        _beat(name, queues)
         log.info("worker %s ready in %.1f s (queues %s)", name, time.monotonic() - started, queues)
     elif LIGHT_QUEUE in queues.split(","):
         log.info("worker %s ready (queues %s)", name, queues)
