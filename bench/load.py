@@ -374,15 +374,15 @@ def main(argv: list[str] | None = None) -> int:
         try:
             for i, concurrency in enumerate(modes):
                 url = redis_server.url(i) if redis_server else None
+                weights = args.baseline_weights if i == len(modes) - 1 and i > 0 else args.weights
                 print(
                     f"-- worker --concurrency {concurrency}: {args.users} users for {args.seconds:g} s "
                     f"({'redis' if url else 'file broker'}, max_new_tokens {args.max_new_tokens}, "
                     f"torch threads {args.torch_threads or 'default'}, threads: {args.threads}, "
-                    f"weights {args.baseline_weights if i == len(modes) - 1 and i > 0 else args.weights})",
+                    f"weights {weights})",
                     file=sys.stderr,
                     flush=True,
                 )
-                weights = args.baseline_weights if i == len(modes) - 1 and i > 0 else args.weights
                 results.append(run_mode(args, concurrency, Path(tmp) / f"mode-{concurrency}", url, weights))
         finally:
             if redis_server:

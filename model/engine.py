@@ -19,9 +19,9 @@ runs its own loop instead, one step at a time:
 The forward pass is written here for the Llama architecture (SmolLM2, Llama 3.x) on the model's own
 weights. On CPU the dense fp32 projections are fused (q/k/v, gate/up) and kept in the form the
 fastest kernel wants (``cpu_weights``: bf16 packed for oneDNN where the CPU computes bf16 natively,
-else fp16 packed for fbgemm, or fp32 transposed; see ``_Dense``). LoRA adapters are merged into those fused copies. Any other layer (NF4 4-bit, or any
-device but the CPU) is called as the module it is, adapter included, so the GPU path runs this same
-loop with the GPU's own kernels.
+else fp16 packed for fbgemm, or fp32 transposed; see ``_Dense``). LoRA adapters are merged into those
+fused copies. Any other layer (NF4 4-bit, or any device but the CPU) is called as the module it is,
+adapter included, so the GPU path runs this same loop with the GPU's own kernels.
 """
 
 from __future__ import annotations
