@@ -126,11 +126,11 @@ def breakdown() -> dict[str, float]:
 
     step("import celery + workers.tasks", lambda: __import__("workers.tasks"))
     step("import torch", lambda: __import__("torch"))
-    step("import transformers", lambda: __import__("transformers"))
     step("import workers.answering (faiss, retrieval)", lambda: __import__("workers.answering"))
-    # transformers imports its model classes lazily: AutoModelForCausalLM pulls in modeling_utils, and with it
-    # torch.distributed.tensor, torch._dynamo, accelerate and scipy.optimize.
-    step("import model.runtime (transformers' model classes)", lambda: __import__("model.runtime"))
+    # transformers is no longer imported: its model classes pulled in modeling_utils, and with it
+    # torch.distributed.tensor, torch._dynamo, accelerate and scipy.optimize (1.9 s here). The worker reads
+    # the Llama and MiniLM folders itself (model/llama.py, model/tokens.py, retrieval/bert.py).
+    step("import model.runtime (engine, plain Llama reader)", lambda: __import__("model.runtime"))
     from core.db import open_database
     from core.settings import load_settings
     from model.runtime import LanguageModel

@@ -34,6 +34,11 @@ class Settings(BaseSettings):
     adapter: str | None = Field(None, description="Optional LoRA adapter folder applied on the base model")
     load_in_4bit: bool = Field(False, description="Load the base model in NF4 4-bit, double quant")
     device: str = Field("auto", description="auto, cpu or cuda")
+    model_loader: Literal["auto", "transformers"] = Field(
+        "auto",
+        description="auto: a plain Llama folder served on the CPU is read without transformers (a worker starts "
+        "seconds sooner); 4-bit, GPU and anything that reader does not know load with transformers",
+    )
     torch_threads: int = Field(0, description="torch CPU threads; 0 keeps torch's default")
     max_new_tokens: int = Field(160, ge=1, le=4096, description="Answer length limit in tokens")
     max_prompt_tokens: int = Field(1536, ge=64, description="Prompt is trimmed (oldest history first) to fit")

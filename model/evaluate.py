@@ -106,7 +106,8 @@ def evaluate(
         data = data / VALIDATION_FILE
     if not data.is_file():
         raise InputError(f"{data} does not exist")
-    lm = lm or LanguageModel(settings)
+    # The validation loss runs transformers' own forward pass (with peft for adapters), so that loader.
+    lm = lm or LanguageModel(settings.model_copy(update={"model_loader": "transformers"}))
     dataset = load_dataset(data, lm.tokenizer, max_seq_len)
     if limit:
         dataset.examples = dataset.examples[:limit]

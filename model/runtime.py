@@ -14,21 +14,19 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from transformers import (
-    AutoModelForCausalLM,
-    AutoTokenizer,
-    BitsAndBytesConfig,
-    PreTrainedModel,
-    PreTrainedTokenizerBase,
-)
 
 from core.errors import GenerationTimeout, ModelError
 from core.settings import Settings
 from model.embedded import resolve_base
 from model.engine import Engine, Request, Sampling
+from model.llama import PlainLlama, Unsupported
+from model.tokens import ChatTokenizer
+
+if TYPE_CHECKING:
+    from transformers import BitsAndBytesConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +50,8 @@ def pick_device(setting: str) -> str:
 
 def quantization_config(device: str) -> BitsAndBytesConfig:
     """NF4 with double quantization; bf16 compute where the hardware supports it."""
+    from transformers import BitsAndBytesConfig
+
     bf16 = device == "cuda" and torch.cuda.is_bf16_supported()
     return BitsAndBytesConfig(
         load_in_4bit=True,
@@ -64,7 +64,9 @@ def quantization_config(device: str) -> BitsAndBytesConfig:
 def load_base(
     path: Path, *, device: str, load_in_4bit: bool
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """The base model and tokenizer from a local folder; never touches a hub."""
+    """The base model and tokenizer from a local folder, with transformers; never touches a hub."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     kwargs: dict[str, Any] = {"local_files_only": True}
     if load_in_4bit:
         kwargs["quantization_config"] = quantization_config(device)
@@ -87,6 +89,13 @@ def load_base(
     return model, tokenizer
 
 
+def load_plain(path: Path) -> tuple[PlainLlama, ChatTokenizer]:
+    """The base model's weights and tokenizer for the engine, without transformers (a CPU worker's
+    start is 2.8 s shorter); ``Unsupported`` when the folder needs transformers."""
+    tokenizer = ChatTokenizer(path)
+    return PlainLlama(path), tokenizer
+
+
 class LanguageModel:
     """The base model, the current adapter, and thread-safe generation."""
 
@@ -96,13 +105,30 @@ class LanguageModel:
         if settings.torch_threads:
             torch.set_num_threads(settings.torch_threads)
         self.base_path = resolve_base(settings)
-        self.model, self.tokenizer = load_base(
-            self.base_path, device=self.device, load_in_4bit=settings.load_in_4bit
-        )
         self.base_name = self.base_path.name
         self.adapter_name: str | None = None
         self.adapter_path: str | None = None
         self._lock = threading.Lock()  # one engine step at a time; batching happens in the engine
+        plain = settings.model_loader == "auto" and self.device == "cpu" and not settings.load_in_4bit
+        self._load(plain=plain)
+        if settings.adapter:
+            self.use_adapter(settings.adapter)
+
+    def _load(self, *, plain: bool) -> None:
+        """The base weights, tokenizer and engine: read directly (``model.llama``) where that reader
+        knows the folder, else with transformers (4-bit, GPU, other architectures)."""
+        self.plain = False
+        if plain:
+            try:
+                self.model, self.tokenizer = load_plain(self.base_path)
+                self.plain = True
+            except Unsupported as err:
+                log.info("loading with transformers: %s", err)
+        if not self.plain:
+            self.model, self.tokenizer = load_base(
+                self.base_path, device=self.device, load_in_4bit=self.settings.load_in_4bit
+            )
+        settings = self.settings
         try:
             self.engine = Engine(
                 self.model, eos_ids=self._eos_ids(), sampling=self.sampling(), max_batch=settings.batch_max,
@@ -110,8 +136,6 @@ class LanguageModel:
             )
         except (AttributeError, TypeError) as err:
             raise ModelError(f"{self.base_path} is not a Llama-architecture model this engine can run: {err}") from err
-        if settings.adapter:
-            self.use_adapter(settings.adapter)
 
     @property
     def version(self) -> str:
@@ -119,19 +143,26 @@ class LanguageModel:
 
     def use_adapter(self, path: str | None, name: str | None = None) -> None:
         """Switch to another LoRA adapter (or none) without reloading the base weights."""
-        from peft import PeftModel
-
         with self._lock:
             if path == self.adapter_path:
                 return
-            if isinstance(self.model, PeftModel):
-                self.model = self.model.unload()  # drops LoRA layers, base weights untouched
-            if path:
-                adapter_dir = Path(path)
-                if not (adapter_dir / "adapter_config.json").is_file():
-                    raise ModelError(f"{path} is not a LoRA adapter folder (no adapter_config.json)")
-                self.model = PeftModel.from_pretrained(self.model, adapter_dir, is_trainable=False)
-                self.model.eval()
+            adapter_dir = Path(path) if path else None
+            if adapter_dir is not None and not (adapter_dir / "adapter_config.json").is_file():
+                raise ModelError(f"{path} is not a LoRA adapter folder (no adapter_config.json)")
+            if self.plain:
+                try:
+                    self.model.use_adapter(adapter_dir)  # merged into the projections
+                except Unsupported as err:  # DoRA, extra modules, ...: peft knows them
+                    log.warning("%s; reloading the base model with transformers and peft", err)
+                    self._load(plain=False)
+            if not self.plain:
+                from peft import PeftModel
+
+                if isinstance(self.model, PeftModel):
+                    self.model = self.model.unload()  # drops LoRA layers, base weights untouched
+                if adapter_dir is not None:
+                    self.model = PeftModel.from_pretrained(self.model, adapter_dir, is_trainable=False)
+                    self.model.eval()
             self.engine.model = self.model
             self.engine.reload()  # new weights: fused copies rebuilt, cached prefixes dropped
             self.adapter_path = path
@@ -244,7 +275,7 @@ class LanguageModel:
         log-probability of its tokens (at most ``max_new_tokens``, what the model could write at all)."""
         ids = self.render(messages)
         limit = self.settings.max_new_tokens
-        tokens = [list(self.tokenizer(a, add_special_tokens=False)["input_ids"])[:limit] for a in answers]
+        tokens = [list(self.tokenizer.encode(a, add_special_tokens=False))[:limit] for a in answers]
         with self._lock:
             try:
                 return self.engine.score(ids, tokens)

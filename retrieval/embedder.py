@@ -8,8 +8,9 @@ Models are sentence-transformers folders (``modules.json``), and ``retrieval tun
 sentence-transformers. To serve one, importing sentence-transformers costs a worker about 5 s of its
 cold start (it pulls in scikit-learn, SciPy and the training stack) for what is, in the folders we ship
 and tune, a transformer, mean pooling, an optional linear map and L2 normalization. Such a folder runs
-on ``PlainPipeline`` (transformers only; tests/test_retrieval_parts.py checks its vectors against
-sentence-transformers'); any other module layout loads with sentence-transformers itself.
+on ``PlainPipeline`` (the BERT forward of retrieval/bert.py, or transformers for another encoder;
+tests/test_retrieval_parts.py checks its vectors against sentence-transformers'); any other module
+layout loads with sentence-transformers itself.
 """
 
 from __future__ import annotations
@@ -148,20 +149,30 @@ def plain_layout(folder: Path) -> PlainLayout | None:
 
 
 class PlainPipeline:
-    """transformer -> mean pooling over real tokens -> [linear map] -> L2 normalize, with transformers only."""
+    """transformer -> mean pooling over real tokens -> [linear map] -> L2 normalize, without
+    sentence-transformers (and for BERT folders without transformers)."""
 
     def __init__(self, folder: Path, layout: PlainLayout) -> None:
         import torch
-        from transformers import AutoModel, AutoTokenizer
+
+        from retrieval.bert import PlainBert, Unsupported
 
         self._torch = torch
-        self.tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
-        self.model = AutoModel.from_pretrained(str(folder), local_files_only=True).eval()
         self.max_seq_length = layout.max_seq_length
+        self.bert: PlainBert | None = None
+        try:  # BERT without transformers: a worker starts seconds sooner (retrieval/bert.py)
+            self.bert = PlainBert(folder, layout.max_seq_length)
+            self.dim = self.bert.hidden
+        except Unsupported as err:
+            from transformers import AutoModel, AutoTokenizer
+
+            log.info("embedder with transformers: %s", err)
+            self.tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+            self.model = AutoModel.from_pretrained(str(folder), local_files_only=True).eval()
+            self.dim = int(self.model.config.hidden_size)
         self.steps: list[tuple[str, object]] = []
         for kind, path in layout.modules[2:]:
             self.steps.append((kind, self._dense(path) if kind == "dense" else None))
-        self.dim = int(self.model.config.hidden_size)
         for kind, weight in self.steps:
             if kind == "dense":
                 self.dim = int(weight.shape[0])  # type: ignore[attr-defined]
@@ -190,12 +201,16 @@ class PlainPipeline:
                 starts = tqdm(starts, desc="embedding", unit="batch")
             for start in starts:
                 rows = order[start : start + batch_size]
-                batch = self.tokenizer(
-                    [texts[i].strip() for i in rows], padding=True, truncation=True,
-                    max_length=self.max_seq_length, return_tensors="pt",
-                )  # fmt: skip
-                hidden = self.model(**batch).last_hidden_state
-                mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+                texts_in = [texts[i].strip() for i in rows]
+                if self.bert is not None:
+                    ids, attention = self.bert.tokenize(texts_in)
+                    hidden = self.bert.forward(ids, attention)
+                else:
+                    batch = self.tokenizer(texts_in, padding=True, truncation=True, max_length=self.max_seq_length,
+                                           return_tensors="pt")  # fmt: skip
+                    hidden = self.model(**batch).last_hidden_state
+                    attention = batch["attention_mask"]
+                mask = attention.unsqueeze(-1).to(hidden.dtype)
                 vectors = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
                 for kind, weight in self.steps:
                     if kind == "dense":

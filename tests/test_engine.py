@@ -24,7 +24,9 @@ def lm():
     from core.settings import load_settings
     from model.runtime import LanguageModel
 
-    return LanguageModel(load_settings(max_new_tokens=24))
+    # transformers' loader: these tests compare the engine with transformers' own forward pass and
+    # generate. tests/test_llama.py checks that the plain loader gives the engine the same weights.
+    return LanguageModel(load_settings(max_new_tokens=24, model_loader="transformers"))
 
 
 def _request(lm, question: str, max_new: int = 24):  # type: ignore[no-untyped-def]
@@ -167,38 +169,41 @@ def test_prefix_cache_is_dropped_when_the_adapter_changes(lm, tmp_path: Path):
     from core.settings import load_settings
     from model.runtime import LanguageModel
 
-    model = LanguageModel(load_settings(max_new_tokens=12))
-    prompt = build_messages(question=QUESTIONS[0])
-    model.generate([prompt])
-    model.generate([build_messages(question=QUESTIONS[1])])  # shares the system prompt: a prefix is kept
-    assert model.engine._prefixes
-
     # An adapter that really changes the model (a fresh LoRA's B is zero, which would change nothing).
-    peft_model = get_peft_model(model.model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    peft_model = get_peft_model(lm.model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
     with torch.no_grad():
         for name, param in peft_model.named_parameters():
             if "lora_B" in name:
                 param.normal_(0, 0.05)
     adapter = tmp_path / "adapter"
     peft_model.save_pretrained(adapter)
-    model.model = peft_model.unload()
+    lm.model = peft_model.unload()
 
-    model.use_adapter(str(adapter))
-    assert not model.engine._prefixes  # keys and values of the old weights are gone
-    with_adapter = model.generate([prompt])[0].text
+    loaded = {}
+    for loader in ("auto", "transformers"):  # the worker's default (plain, LoRA merged) and peft's
+        model = LanguageModel(load_settings(max_new_tokens=12, model_loader=loader))
+        assert model.plain == (loader == "auto")
+        prompt = build_messages(question=QUESTIONS[0])
+        model.generate([prompt])
+        model.generate([build_messages(question=QUESTIONS[1])])  # shares the system prompt: a prefix is kept
+        assert model.engine._prefixes
 
-    fresh = LanguageModel(load_settings(max_new_tokens=12, adapter=str(adapter)))
-    assert fresh.generate([prompt])[0].text == with_adapter  # same text as a model loaded with the adapter
-    exact = _engine(fresh, cpu_weights="fp32")
+        model.use_adapter(str(adapter))
+        assert not model.engine._prefixes  # keys and values of the old weights are gone
+        with_adapter = model.generate([prompt])[0].text
+
+        fresh = loaded[loader] = LanguageModel(load_settings(max_new_tokens=12, adapter=str(adapter), model_loader=loader))
+        assert fresh.generate([prompt])[0].text == with_adapter  # same text as a model loaded with the adapter
+        model.use_adapter(None)
+        assert not model.engine._prefixes
+    # The plain loader's merged LoRA in the engine's fused weights against peft's own forward, LoRA unmerged.
+    exact = _engine(loaded["auto"], cpu_weights="fp32")
     with torch.inference_mode():
-        ids = torch.tensor([fresh.render(prompt)])
-        reference = fresh.model(input_ids=ids).logits[0, -1]  # peft's own forward, LoRA unmerged
+        ids = torch.tensor([loaded["auto"].render(prompt)])
+        reference = loaded["transformers"].model(input_ids=ids).logits[0, -1]
         exact._ensure_capacity(ids.shape[1])
         ours = exact._forward(ids, rows=[exact.max_batch], starts=[0], last_only=True)[0]
-    assert torch.allclose(ours, reference, atol=1e-3)  # the merged LoRA in the fused weights is right
-
-    model.use_adapter(None)
-    assert not model.engine._prefixes
+    assert torch.allclose(ours, reference, atol=1e-3)
 
 
 def test_penalties_match_transformers_generate(lm):

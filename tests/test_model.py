@@ -38,7 +38,12 @@ def test_fix_time_is_weighted_by_score():
 
 
 def test_embedded_model_is_a_llama_and_generates(model):
-    assert type(model.model).__name__ == "LlamaForCausalLM"
+    import json
+
+    # A real LlamaForCausalLM checkpoint, served by the plain reader (tests/test_llama.py: the same weights
+    # and text as transformers' class).
+    assert json.loads((model.base_path / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
+    assert model.plain and model.model.config.num_hidden_layers == 30
     out = model.generate([build_messages(question="My printer shows E-502.", tickets=[TICKET])])
     assert len(out) == 1 and out[0].text and 0 < out[0].new_tokens <= 16
 

@@ -146,8 +146,8 @@ class Console:
         from model.runtime import LanguageModel
 
         with self._lock:
-            if self._lm is None:
-                self._lm = LanguageModel(self.settings)
+            if self._lm is None:  # for the promotion gate, whose validation loss is transformers' forward pass
+                self._lm = LanguageModel(self.settings.model_copy(update={"model_loader": "transformers"}))
             return self._lm
 
 
