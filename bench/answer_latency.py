@@ -101,7 +101,10 @@ def direct(data_dir: Path, max_new_tokens: int, runs: int) -> dict:  # type: ign
     wbytes = lm.engine.weight_bytes()  # what the engine reads per step (its CPU copies: bf16 or fp16 by default)
     bound = bandwidth * 1e9 / wbytes
     rate = decode_rate(lm, messages, 64)
-    hf_rate = hf_decode_rate(lm, messages, 64)
+    # transformers' own model class for its generate (the worker serves the same weights without it).
+    hf_lm = LanguageModel(settings.model_copy(update={"model_loader": "transformers"}))
+    hf_rate = hf_decode_rate(hf_lm, messages, 64)
+    del hf_lm
     # The other CPU weight forms this machine runs, on the same weights in the same run (a one-user
     # decode reads every weight once per token; bf16 wins on batches and prefill, not always here).
     forms = {}

@@ -131,13 +131,18 @@ def fp16_kernels_available() -> bool:
     )
 
 
-def bf16_kernels_available() -> bool:
-    """Whether this CPU computes bf16 products natively (oneDNN: AVX512-BF16 or AMX) and this torch
-    build has oneDNN's packed linear. Elsewhere bf16 is emulated and slower than fp16 or fp32."""
+def native_bf16() -> bool:
+    """Whether this CPU computes bf16 products natively (oneDNN: AVX512-BF16 or AMX). Elsewhere bf16 is
+    emulated and slower than fp16 or fp32. (The name model's encoder asks the same.)"""
     try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()) and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):  # a torch build without oneDNN
         return False
+
+
+def bf16_kernels_available() -> bool:
+    """bf16 is native here and this torch build has oneDNN's packed linear."""
+    return native_bf16() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
 def cpu_weight_form(requested: str) -> str:

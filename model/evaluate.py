@@ -106,8 +106,10 @@ def evaluate(
         data = data / VALIDATION_FILE
     if not data.is_file():
         raise InputError(f"{data} does not exist")
-    # The validation loss runs transformers' own forward pass (with peft for adapters), so that loader.
-    lm = lm or LanguageModel(settings.model_copy(update={"model_loader": "transformers"}))
+    # The validation loss runs transformers' own forward pass (with peft for adapters): a model the plain
+    # reader loaded (model/llama.py, a worker's) has no forward pass of its own, so it is not reused.
+    if lm is None or getattr(lm, "plain", False):
+        lm = LanguageModel(settings.model_copy(update={"model_loader": "transformers"}))
     dataset = load_dataset(data, lm.tokenizer, max_seq_len)
     if limit:
         dataset.examples = dataset.examples[:limit]

@@ -63,7 +63,7 @@ class ChatTokenizer:
         try:
             config = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))
             self._tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
-        except (OSError, ValueError, Exception) as err:  # tokenizers raises its own Exception subclass
+        except Exception as err:  # OSError, bad JSON, or the tokenizers library's own Exception
             raise Unsupported(f"{folder}: no tokenizer.json this reader can load: {err}") from err
         template_file = folder / "chat_template.jinja"
         template = template_file.read_text(encoding="utf-8") if template_file.is_file() else config.get("chat_template")

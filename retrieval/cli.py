@@ -68,6 +68,8 @@ def register(groups: Groups) -> None:
     p.add_argument("--batch-size", type=int, default=None, help="full method: pairs per step")
     p.add_argument("--learning-rate", type=float, default=None, help="full method: learning rate")
     p.add_argument("--min-gain", type=float, default=None, help="MRR gain needed to keep the tuned model")
+    p.add_argument("--hard-negatives", type=int, default=None, metavar="N",
+                   help="full method: each question also meets a wrong fix from BM25's top N for it; 0 is off")
     p.add_argument("--no-reindex", action="store_true", help="do not rebuild the index after keeping a model")
 
     p = add(groups, "eval", "retrieval", _eval, "Recall@k and MRR of ticket search on a labelled query set")
@@ -85,6 +87,8 @@ def register(groups: Groups) -> None:
     p.add_argument("--folds", type=int, default=5)
     p.add_argument("--max-folds", type=int, default=None, help="stop after this many folds (quicker estimate)")
     p.add_argument("--method", choices=["adapter", "full"], default="adapter")
+    p.add_argument("--hard-negatives", type=int, default=0, metavar="N",
+                   help="full method: each question also meets a wrong fix from BM25's top N for it; 0 is off")
     p.add_argument("--nested", action="store_true",
                    help="choose the adapter's settings inside each training fold (inner 3-fold CV), not fixed")
     p.add_argument("--k", type=int, default=10)
@@ -292,7 +296,8 @@ def _tune(args: argparse.Namespace, settings: Settings) -> int:
     overrides: dict[str, Any] = {
         name: value
         for name, value in (("epochs", args.epochs), ("batch_size", args.batch_size),
-                            ("learning_rate", args.learning_rate), ("min_gain", args.min_gain))
+                            ("learning_rate", args.learning_rate), ("min_gain", args.min_gain),
+                            ("hard_negatives", args.hard_negatives))
         if value is not None
     }
     overrides["method"] = args.method
@@ -339,7 +344,7 @@ def _eval_cv(args: argparse.Namespace, settings: Settings) -> int:
     if not args.pairs.is_file():
         print(f"error: {args.pairs} not found (the dev data lives in ../shared/data)", file=sys.stderr)
         return 2
-    config = TuneConfig(method=args.method)
+    config = TuneConfig(method=args.method, hard_negatives=args.hard_negatives)
     if args.nested and args.method != "adapter":
         print("error: --nested chooses adapter settings; use it with --method adapter", file=sys.stderr)
         return 2

@@ -14,7 +14,7 @@ here in a few lines so the loops need neither ``datasets`` nor ``accelerate``:
   0.60 to 0.65 (dense only).
 - ``full``: every MiniLM weight is trained (one epoch, AdamW, warm-up). On the Dell forum set it lifts
   cross-validated recall@5 further (README); on two AVX-512 CPU cores an epoch over 425 pairs takes
-  about 2.5 minutes.
+  about 2.5 minutes. ``hard_negatives``: each question also meets a wrong fix BM25 ranks high for it.
 - ``auto`` (default of ``tune``): both on the same pairs, the better on the held-out ones is kept.
 """
 
@@ -56,6 +56,11 @@ class TuneConfig:
     learning_rate: float = field(default=3e-5, metadata={"help": "AdamW peak learning rate"})
     warmup_fraction: float = field(default=0.1, metadata={"help": "share of steps with a linear warm-up"})
     scale: float = field(default=20.0, metadata={"help": "cosine similarity scale in the softmax"})
+    hard_negatives: int = field(
+        default=0,
+        metadata={"help": "full method: for each question, one resolution drawn from BM25's top N for it (not its "
+                  "own) joins the batch as an extra negative; 0 is off"},
+    )
     holdout: float = field(default=0.2, metadata={"help": "share of pairs kept aside to decide"})
     min_gain: float = field(default=0.005, metadata={"help": "MRR the tuned model must gain to be kept"})
     seed: int = field(default=0, metadata={"help": "shuffling and split seed"})
@@ -181,15 +186,39 @@ def train_adapter(base: Path, pairs: list[Pair], *, config: TuneConfig, output: 
     return output
 
 
-def _mnrl(sims, groups: list[str]):  # type: ignore[no-untyped-def]
-    """Symmetric in-batch softmax loss; pairs of one group (same fix) are not each other's negatives."""
+def _mnrl(sims, groups: list[str], extra=None, extra_same=None):  # type: ignore[no-untyped-def]
+    """Symmetric in-batch softmax loss; pairs of one group (same fix) are not each other's negatives.
+    ``extra`` (questions x hard negatives) adds candidates to the question side; ``extra_same`` masks
+    the ones that are a question's own fix after all."""
     import torch
     import torch.nn.functional as F
 
     same = torch.tensor([[a == b for b in groups] for a in groups])
     sims = sims.masked_fill(same & ~torch.eye(len(groups), dtype=torch.bool), float("-inf"))
     labels = torch.arange(len(groups))
-    return (F.cross_entropy(sims, labels) + F.cross_entropy(sims.T, labels)) / 2
+    forward = sims if extra is None else torch.cat([sims, extra.masked_fill(extra_same, float("-inf"))], dim=1)
+    return (F.cross_entropy(forward, labels) + F.cross_entropy(sims.T, labels)) / 2
+
+
+def hard_negatives(pairs: list[Pair], *, depth: int, seed: int) -> list[str | None]:
+    """Per pair, a training resolution that BM25 ranks among the ``depth`` best for its question but that
+    belongs to another group: a fix that shares the question's words and is still the wrong one. In-batch
+    negatives are random fixes, mostly easy; these are what retrieval actually confuses."""
+    from retrieval.lexical import LexicalIndex
+
+    docs = list(dict.fromkeys(p.positive for p in pairs))
+    groups: dict[str, set[str]] = {}
+    for p in pairs:
+        groups.setdefault(p.positive, set()).add(p.group)
+    index = LexicalIndex()
+    index.add(list(range(len(docs))), docs)
+    rng = random.Random(seed)
+    chosen: list[str | None] = []
+    for p in pairs:
+        keys, _ = index.search(p.query, depth + 1)
+        candidates = [docs[k] for k in keys if p.group not in groups[docs[k]]][:depth]
+        chosen.append(rng.choice(candidates) if candidates else None)
+    return chosen
 
 
 def train(base: Path, pairs: list[Pair], *, config: TuneConfig, output: Path, threads: int = 0) -> Path:
@@ -215,18 +244,29 @@ def train(base: Path, pairs: list[Pair], *, config: TuneConfig, output: Path, th
         optimizer, lambda step: min((step + 1) / warmup, max(0.0, (total - step) / max(1, total - warmup)))
     )
     rng = random.Random(config.seed)
+    negatives = hard_negatives(pairs, depth=config.hard_negatives, seed=config.seed) if config.hard_negatives else None
+    owners: dict[str, set[str]] = {}  # resolution -> the groups it is the fix of
+    for p in pairs:
+        owners.setdefault(p.positive, set()).add(p.group)
     step = 0
     started = time.monotonic()
     for epoch in range(config.epochs):
         rng.shuffle(order)
         for start in range(0, len(order), config.batch_size):
-            batch = [pairs[i] for i in order[start : start + config.batch_size]]
+            rows = order[start : start + config.batch_size]
+            batch = [pairs[i] for i in rows]
             if len(batch) < 2:
                 continue
-            queries = model(_features(model, [p.query for p in batch]))["sentence_embedding"]
+            queries = F.normalize(model(_features(model, [p.query for p in batch]))["sentence_embedding"], dim=-1)
             positives = model(_features(model, [p.positive for p in batch]))["sentence_embedding"]
-            sims = F.normalize(queries, dim=-1) @ F.normalize(positives, dim=-1).T * config.scale
-            loss = _mnrl(sims, [p.group for p in batch])
+            sims = queries @ F.normalize(positives, dim=-1).T * config.scale
+            extra = extra_same = None
+            hard = [negatives[i] for i in rows if negatives[i] is not None] if negatives else []
+            if hard:
+                vectors = F.normalize(model(_features(model, hard))["sentence_embedding"], dim=-1)
+                extra = queries @ vectors.T * config.scale
+                extra_same = torch.tensor([[p.group in owners[n] for n in hard] for p in batch])
+            loss = _mnrl(sims, [p.group for p in batch], extra, extra_same)
             optimizer.zero_grad()
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

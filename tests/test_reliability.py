@@ -755,10 +755,16 @@ def test_ask_waits_for_a_worker_that_is_starting(tmp_path, redis_url):
     asking = _ask_process(settings, PRINTER, SUPPORTBOT_WORKER_WAIT_S="400")
     worker: WorkerProcess | None = None
     try:
-        time.sleep(4)  # ask is up and finds nobody; the worker comes a few seconds later
-        assert asking.poll() is None, asking.communicate()
+        # ask is up and finds nobody (it says so); only then does the worker come. A fixed sleep here raced:
+        # ask loads the anonymizer first, and a worker that starts in 3 s was up before ask looked.
+        told = ""
+        while "waiting up to 400 s" not in told:
+            line = asking.stderr.readline()  # type: ignore[union-attr]
+            assert line, (told, asking.communicate())  # ask ended without waiting
+            told += line
         worker = WorkerProcess(settings, name="late", env=chaos_env(settings))
         out, err = asking.communicate(timeout=ANSWER_WAIT_S)
+        err = told + err
         assert asking.returncode == 0, err
         assert "waiting up to 400 s" in err and "Traceback" not in err
         assert "[message " in out

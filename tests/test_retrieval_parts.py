@@ -119,3 +119,28 @@ def test_score_rankings():
     assert scores["recall@1"] == pytest.approx(1 / 3, abs=1e-3)
     assert scores["recall@5"] == pytest.approx(2 / 3, abs=1e-3)
     assert scores["mrr"] == pytest.approx((0.5 + 1) / 3, abs=1e-3)
+
+
+def test_hard_negatives_are_bm25_neighbours_from_other_groups():
+    import torch
+
+    from retrieval.tune import Pair, _mnrl, hard_negatives
+
+    pairs = [
+        Pair("printer jams in the paper tray", "clear the paper tray of the printer", "a"),
+        Pair("printer toner is low", "replace the printer toner cartridge", "b"),
+        Pair("vpn disconnects at home", "reinstall the vpn client", "c"),
+        Pair("printer jams again", "clear the paper tray of the printer", "d"),  # same fix, another ticket
+    ]
+    chosen = hard_negatives(pairs, depth=3, seed=0)
+    assert chosen[0] == "replace the printer toner cartridge"  # shares "printer", is not its fix
+    assert chosen[2] is None  # no other fix shares a word with it: no negative rather than a random one
+    for pair, negative in zip(pairs, chosen):
+        assert negative != pair.positive
+    assert hard_negatives(pairs, depth=3, seed=0) == chosen  # seeded
+    # A hard negative that is a question's own fix after all is masked out of its softmax.
+    sims = torch.tensor([[5.0, 0.0], [0.0, 5.0]])
+    extra = torch.tensor([[9.0], [0.0]])
+    masked = _mnrl(sims, ["a", "b"], extra, torch.tensor([[True], [False]]))
+    assert torch.isclose(masked, _mnrl(sims, ["a", "b"], torch.tensor([[-1e9], [0.0]]), torch.tensor([[False], [False]])))
+    assert _mnrl(sims, ["a", "b"], extra, torch.tensor([[False], [False]])) > masked  # a close wrong fix costs

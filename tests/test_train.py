@@ -124,7 +124,7 @@ def test_export_train_eval_gate_promote(settings, db: Database, exported: Path) 
             config={"data_dir": str(exported)}, metrics={},
         )  # fmt: skip
 
-    lm = LanguageModel(settings)
+    lm = LanguageModel(settings.model_copy(update={"model_loader": "transformers"}))  # reused by the gate below
     report = evaluate(
         settings=settings,
         data=exported,
@@ -146,10 +146,12 @@ def test_export_train_eval_gate_promote(settings, db: Database, exported: Path) 
         assert s.query(ModelVersion).filter_by(name=worse["version"]).one().status == ModelStatus.refused
         assert registry.active_adapter(session=s) == (str(out), "good")
 
-    # What the worker does before each answer.
-    lm.use_adapter(str(out), "good")
-    assert lm.version == f"{base_path.name}+good"
-    assert lm.generate([[{"role": "user", "content": "My printer stopped working."}]], max_new_tokens=3)[
+    # What the worker does before each answer, on the worker's own loader (LoRA merged, model/llama.py).
+    served = LanguageModel(settings)
+    assert served.plain
+    served.use_adapter(str(out), "good")
+    assert served.version == f"{base_path.name}+good"
+    assert served.generate([[{"role": "user", "content": "My printer stopped working."}]], max_new_tokens=3)[
         0
     ].text
 

@@ -132,13 +132,10 @@ def quantize(bert: Any) -> None:
 
 
 def native_bf16() -> bool:
-    """Whether this CPU computes bfloat16 matrix products natively (oneDNN: AVX512-BF16 or AMX)."""
-    import torch
+    """Whether this CPU computes bfloat16 matrix products natively (the decode engine's probe)."""
+    from model.engine import native_bf16 as probe
 
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):  # a torch build without oneDNN
-        return False
+    return probe()
 
 
 class TokenEncoder:
