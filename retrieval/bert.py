@@ -36,9 +36,13 @@ class _Layer:
 
 
 class PlainBert:
-    """Token ids and attention mask in, the last hidden states out, as ``BertModel`` computes them."""
+    """Token ids and attention mask in, the last hidden states out, as ``BertModel`` computes them.
 
-    def __init__(self, folder: Path, max_length: int) -> None:
+    ``max_length``: the tokenizer truncates there and pads batches to their longest text (the embedder);
+    None: neither (the name encoder windows long text itself). ``replace`` swaps in trained weights of
+    some layers, ``cast`` changes the precision, as ``module.to(dtype)`` would."""
+
+    def __init__(self, folder: Path, max_length: int | None = None) -> None:
         from safetensors.torch import load_file
         from tokenizers import Tokenizer
 
@@ -59,26 +63,46 @@ class PlainBert:
             tensors = load_file(str(folder / "model.safetensors"))
         except Exception as err:  # tokenizers raises a bare Exception subclass
             raise RetrievalError(f"{folder}: cannot read the embedder: {err}") from err
-        self.tokenizer.enable_truncation(max_length=max_length)
-        pad = self.tokenizer.padding or {}
-        self.tokenizer.enable_padding(pad_id=int(pad.get("pad_id", config.get("pad_token_id") or 0)),
-                                      pad_token=str(pad.get("pad_token", "[PAD]")))  # fmt: skip
+        if max_length is None:
+            self.tokenizer.no_truncation()
+            self.tokenizer.no_padding()
+        else:
+            self.tokenizer.enable_truncation(max_length=max_length)
+            pad = self.tokenizer.padding or {}
+            self.tokenizer.enable_padding(pad_id=int(pad.get("pad_id", config.get("pad_token_id") or 0)),
+                                          pad_token=str(pad.get("pad_token", "[PAD]")))  # fmt: skip
         prefix = "bert." if "bert.embeddings.word_embeddings.weight" in tensors else ""
-
-        def take(name: str) -> torch.Tensor:
-            try:
-                return tensors[prefix + name].float()
-            except KeyError:
-                raise RetrievalError(f"{folder}: the weights lack {prefix + name}") from None
-
+        # Named as transformers' BertModel names its parameters.
+        self.tensors = {k[len(prefix) :]: v.float() for k, v in tensors.items() if k.startswith(prefix)}
+        self.folder = folder
         self.hidden = int(config["hidden_size"])
         self.heads = int(config["num_attention_heads"])
+        self.num_layers = int(config["num_hidden_layers"])
+        self.vocab_size = int(config["vocab_size"])
         self.eps = float(config.get("layer_norm_eps", 1e-12))
+        self._build(torch.float32)
+
+    def _build(self, dtype: torch.dtype) -> None:
+        def take(name: str) -> torch.Tensor:
+            try:
+                return self.tensors[name].to(dtype)
+            except KeyError:
+                raise RetrievalError(f"{self.folder}: the weights lack {name}") from None
+
+        self.dtype = dtype
         self.words = take("embeddings.word_embeddings.weight")
         self.positions = take("embeddings.position_embeddings.weight")
         self.types = take("embeddings.token_type_embeddings.weight")
         self.norm = (take("embeddings.LayerNorm.weight"), take("embeddings.LayerNorm.bias"))
-        self.layers = [_Layer(take, f"encoder.layer.{i}") for i in range(int(config["num_hidden_layers"]))]
+        self.layers = [_Layer(take, f"encoder.layer.{i}") for i in range(self.num_layers)]
+
+    def replace(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Swap in weights by their BertModel names (shapes checked by the caller)."""
+        self.tensors.update({k: v.float() for k, v in tensors.items()})
+        self._build(self.dtype)
+
+    def cast(self, dtype: torch.dtype) -> None:
+        self._build(dtype)
 
     def tokenize(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         encoded = self.tokenizer.encode_batch(texts)
@@ -88,7 +112,7 @@ class PlainBert:
 
     def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         batch, length = ids.shape
-        x = self.words[ids] + self.positions[:length] + self.types[0]
+        x = self.words[ids] + self.positions[:length] + self.types[0]  # one segment: type 0
         x = F.layer_norm(x, (self.hidden,), *self.norm, eps=self.eps)
         visible = mask.bool()[:, None, None, :]  # padding is never attended to
         head_dim = self.hidden // self.heads

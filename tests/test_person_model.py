@@ -202,3 +202,28 @@ def test_a_forked_process_still_gets_its_names_found(full: Anonymizer) -> None:
         os._exit(0 if any(d.type == "PERSON" for d in found) else 1)
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_the_plain_encoder_gives_transformers_probabilities(monkeypatch, bf16: bool) -> None:
+    """The name encoder runs on retrieval/bert.py (no transformers import: a process that anonymizes starts
+    seconds sooner); its probabilities are those of transformers' BertModel in the same precision."""
+    from bot.privacy.encoder import TokenEncoder, native_bf16
+
+    if bf16 and not native_bf16():
+        pytest.skip("this CPU has no native bf16; the encoder runs fp32 there")
+    model = load_person_model()
+    plain = TokenEncoder(model, bf16=bf16)
+    assert plain.plain is not None
+    monkeypatch.setattr(TokenEncoder, "_plain", lambda self, model, model_dir: None)
+    reference = TokenEncoder(model, bf16=bf16)
+    assert reference.plain is None
+    long_text = " ".join(["Thandiwe", "reset", "the", "router", "in", "Zürich", "again"] * 60)  # windows
+    texts = [text for text, _ in NAMES_THE_RULES_MISS] + IT_SENTENCES + ["Thandiwe fixed it last week", long_text]
+    for text in texts:
+        words = [(m.start(), m.end()) for m in re.finditer(r"\w+", text)]
+        ours, covered = plain.vectors(text, words)
+        theirs, covered_too = reference.vectors(text, words)
+        assert (covered == covered_too).all()
+        assert np.abs(ours - theirs).max() < (0.02 if bf16 else 1e-4), text
+        assert ((ours >= model.threshold) == (theirs >= model.threshold)).all(), text

@@ -39,14 +39,35 @@ def base_dir() -> Path:
 
 
 def fingerprint(bert: Any) -> str:
-    """What the fine-tuned layers depend on: the frozen embeddings and the architecture."""
-    digest = hashlib.sha256()
-    config = bert.config
-    digest.update(f"{config.hidden_size}/{config.num_hidden_layers}/{config.vocab_size}".encode())
-    embeddings = bert.embeddings
-    for weight in (embeddings.word_embeddings.weight, embeddings.position_embeddings.weight):
+    """What the fine-tuned layers depend on: the frozen embeddings and the architecture (a transformers
+    BertModel, or the plain reader's ``PlainBert`` before any weights are replaced)."""
+    if hasattr(bert, "config"):
+        config = bert.config
+        shape = (config.hidden_size, config.num_hidden_layers, config.vocab_size)
+        words, positions = bert.embeddings.word_embeddings.weight, bert.embeddings.position_embeddings.weight
+    else:
+        shape = (bert.hidden, bert.num_layers, bert.vocab_size)
+        words, positions = (bert.tensors[f"embeddings.{n}.weight"] for n in ("word_embeddings", "position_embeddings"))
+    digest = hashlib.sha256("/".join(map(str, shape)).encode())
+    for weight in (words, positions):
         digest.update(weight.detach()[::97].float().numpy().tobytes())
     return digest.hexdigest()[:16]
+
+
+def check_fit(shapes: dict[str, tuple[int, ...]], tensors: dict[str, np.ndarray], layers: int) -> None:
+    """The shipped tensors against the encoder's own (``encoder.*`` and ``head.*`` names with shapes):
+    the shipped layers must be the top ones, whole."""
+    shipped = [n for n in range(layers) if any(k.startswith(f"encoder.layer.{n}.") for k in tensors)]
+    skip = min(shipped) if shipped else layers  # below the shipped layers the base model's stay
+    own = {k: v for k, v in shapes.items() if not any(k.startswith(f"encoder.layer.{n}.") for n in range(skip))}
+    missing = sorted(set(own) - set(tensors))
+    wrong = [k for k in own if k in tensors and tuple(tensors[k].shape) != tuple(own[k])]
+    extra = sorted(set(tensors) - set(own))
+    if missing or wrong or extra:
+        raise PrivacyError(
+            f"the name model does not fit the encoder (missing {missing[:3]}, wrong shape {wrong[:3]}, "
+            f"unknown {extra[:3]}): {RETRAIN}"
+        )
 
 
 def load_base(model_dir: Path | None = None) -> tuple[Any, Any]:
@@ -95,22 +116,11 @@ class TokenTagger:
     def load_tensors(self, tensors: dict[str, np.ndarray]) -> None:
         import torch
 
-        layers = self.bert.config.num_hidden_layers
-        shipped = [n for n in range(layers) if any(k.startswith(f"encoder.layer.{n}.") for k in tensors)]
-        # The shipped layers are the top ones, contiguous: below them the base model's stay.
-        skip = min(shipped) if shipped else layers
-        own = self._tensors(skip)
-        missing = sorted(set(own) - set(tensors))
-        wrong = [k for k in own if k in tensors and tuple(tensors[k].shape) != tuple(own[k].shape)]
-        extra = sorted(set(tensors) - set(own))
-        if missing or wrong or extra:
-            raise PrivacyError(
-                f"the name model does not fit the encoder (missing {missing[:3]}, wrong shape {wrong[:3]}, "
-                f"unknown {extra[:3]}): {RETRAIN}"
-            )
+        own = self._tensors()
+        check_fit({k: tuple(v.shape) for k, v in own.items()}, tensors, self.bert.config.num_hidden_layers)
         with torch.no_grad():
-            for key, value in own.items():
-                value.copy_(torch.from_numpy(np.asarray(tensors[key], dtype=np.float32)))
+            for key in tensors:
+                own[key].copy_(torch.from_numpy(np.asarray(tensors[key], dtype=np.float32)))
 
 
 def quantize(bert: Any) -> None:
@@ -160,23 +170,23 @@ class TokenEncoder:
         import torch
 
         self._torch = torch
-        self.tokenizer, bert = load_base(model_dir)
-        if fingerprint(bert) != model.base:
-            raise PrivacyError(
-                f"the name model was trained on another base encoder (fingerprint {model.base}, "
-                f"the embedded MiniLM is {fingerprint(bert)}): {RETRAIN}"
-            )
         self.model = model  # held, so that shared_encoder's key (its id) stays unique
-        self.tagger = TokenTagger(bert)
-        self.tagger.load_tensors(model.tensors)
-        bert.eval()
         self.int8 = int8
         self.bf16 = bf16 and not int8 and native_bf16()
-        if int8:
-            quantize(bert)
-        elif self.bf16:
-            bert.to(torch.bfloat16)
-            self.tagger.head.to(torch.bfloat16)
+        # Without transformers where it can (retrieval/bert.py: a process that anonymizes starts seconds
+        # sooner); dynamic int8 quantizes transformers' Linear modules, so int8 keeps them.
+        self.plain = None if int8 else self._plain(model, model_dir)
+        if self.plain is None:
+            self.tokenizer, bert = load_base(model_dir)
+            self._check_base(fingerprint(bert))
+            self.tagger = TokenTagger(bert)
+            self.tagger.load_tensors(model.tensors)
+            bert.eval()
+            if int8:
+                quantize(bert)
+            elif self.bf16:
+                bert.to(torch.bfloat16)
+                self.tagger.head.to(torch.bfloat16)
         if threads:
             torch.set_num_threads(threads)
         self._cache: OrderedDict[str, tuple[list[tuple[int, int]], np.ndarray]] = OrderedDict()
@@ -186,6 +196,43 @@ class TokenEncoder:
         self._pending_lock = threading.Lock()
         self._worker: ThreadPoolExecutor | None = None
         self._worker_pid = 0
+
+    def _check_base(self, found: str) -> None:
+        if found != self.model.base:
+            raise PrivacyError(
+                f"the name model was trained on another base encoder (fingerprint {self.model.base}, "
+                f"the embedded MiniLM is {found}): {RETRAIN}"
+            )
+
+    def _plain(self, model: PersonModel, model_dir: Path | None) -> Any:
+        """MiniLM with the shipped layers and head, on ``PlainBert``; None where that reader does not apply."""
+        torch = self._torch
+        from retrieval.bert import PlainBert, Unsupported
+
+        try:
+            bert = PlainBert(model_dir or base_dir())
+        except Unsupported:
+            return None
+        except Exception as err:  # noqa: BLE001 - whatever stops the model loading, names can't be found
+            raise PrivacyError(f"the name encoder could not be loaded from {model_dir or base_dir()}: {err}") from err
+        self._check_base(fingerprint(bert))
+        shapes = {k: tuple(v.shape) for k, v in bert.tensors.items() if k.startswith("encoder.")}
+        check_fit({**shapes, "head.weight": (1, bert.hidden), "head.bias": (1,)}, model.tensors, bert.num_layers)
+        shipped = {k: torch.from_numpy(np.asarray(v, dtype=np.float32)) for k, v in model.tensors.items()}
+        self.head = (shipped.pop("head.weight"), shipped.pop("head.bias"))
+        bert.replace(shipped)
+        if self.bf16:
+            bert.cast(torch.bfloat16)
+            self.head = tuple(t.to(torch.bfloat16) for t in self.head)
+        return bert
+
+    def _logits(self, window: list[int]) -> Any:
+        torch = self._torch
+        if self.plain is None:
+            return self.tagger.logits(torch.tensor([window]))[0]
+        ids = torch.tensor([window])
+        hidden = self.plain.forward(ids, torch.ones_like(ids))[0]
+        return torch.nn.functional.linear(hidden, *self.head)[..., 0]
 
     def prefetch(self, text: str) -> None:
         with self._pending_lock:
@@ -216,18 +263,23 @@ class TokenEncoder:
                 return found
             # Under the lock: the fast tokenizer's settings change on its first call, which is not
             # thread-safe. Long text is run in windows below, so its length warning does not apply.
-            encoded = self.tokenizer(
-                text, add_special_tokens=False, return_offsets_mapping=True, verbose=False
-            )
+            if self.plain is not None:
+                plain = self.plain.tokenizer.encode(text, add_special_tokens=False)
+                encoded = {"input_ids": plain.ids, "offset_mapping": plain.offsets}
+                cls, sep = (self.plain.tokenizer.token_to_id(t) for t in ("[CLS]", "[SEP]"))
+            else:
+                encoded = self.tokenizer(
+                    text, add_special_tokens=False, return_offsets_mapping=True, verbose=False
+                )
+                cls, sep = self.tokenizer.cls_token_id, self.tokenizer.sep_token_id
         ids: list[int] = encoded["input_ids"][:MAX_SUBWORDS]
         offsets = [tuple(o) for o in encoded["offset_mapping"][:MAX_SUBWORDS]]
         states = np.zeros((len(ids), 1), dtype=np.float32)
         torch = self._torch
-        cls, sep = self.tokenizer.cls_token_id, self.tokenizer.sep_token_id
         with self._lock, torch.inference_mode():
             for start in range(0, len(ids), WINDOW):
                 window = [cls, *ids[start : start + WINDOW], sep]
-                logits = self.tagger.logits(torch.tensor([window]))[0, 1:-1]
+                logits = self._logits(window)[1:-1]
                 states[start : start + len(window) - 2, 0] = torch.sigmoid(logits.float()).numpy()
         result = (offsets, states)  # type: ignore[assignment]
         if self._cache_size:  # cross-validation scores each row at every threshold
