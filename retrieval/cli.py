@@ -69,7 +69,8 @@ def register(groups: Groups) -> None:
     p.add_argument("--learning-rate", type=float, default=None, help="full method: learning rate")
     p.add_argument("--min-gain", type=float, default=None, help="MRR gain needed to keep the tuned model")
     p.add_argument("--hard-negatives", type=int, default=None, metavar="N",
-                   help="full method: each question also meets a wrong fix from BM25's top N for it; 0 is off")
+                   help="full method: each question also meets a wrong fix from BM25's top N for it (default 10); "
+                        "0 is off")
     p.add_argument("--no-reindex", action="store_true", help="do not rebuild the index after keeping a model")
 
     p = add(groups, "eval", "retrieval", _eval, "Recall@k and MRR of ticket search on a labelled query set")
@@ -87,8 +88,9 @@ def register(groups: Groups) -> None:
     p.add_argument("--folds", type=int, default=5)
     p.add_argument("--max-folds", type=int, default=None, help="stop after this many folds (quicker estimate)")
     p.add_argument("--method", choices=["adapter", "full"], default="adapter")
-    p.add_argument("--hard-negatives", type=int, default=0, metavar="N",
-                   help="full method: each question also meets a wrong fix from BM25's top N for it; 0 is off")
+    p.add_argument("--hard-negatives", type=int, default=None, metavar="N",
+                   help="full method: each question also meets a wrong fix from BM25's top N for it (default "
+                        "as `retrieval tune`: 10); 0 is off")
     p.add_argument("--nested", action="store_true",
                    help="choose the adapter's settings inside each training fold (inner 3-fold CV), not fixed")
     p.add_argument("--k", type=int, default=10)
@@ -338,13 +340,17 @@ def _eval(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _eval_cv(args: argparse.Namespace, settings: Settings) -> int:
+    from dataclasses import replace
+
     from retrieval.evaluate import adapter_grid, crossval
     from retrieval.tune import TuneConfig
 
     if not args.pairs.is_file():
         print(f"error: {args.pairs} not found (the dev data lives in ../shared/data)", file=sys.stderr)
         return 2
-    config = TuneConfig(method=args.method, hard_negatives=args.hard_negatives)
+    config = TuneConfig(method=args.method)
+    if args.hard_negatives is not None:
+        config = replace(config, hard_negatives=args.hard_negatives)
     if args.nested and args.method != "adapter":
         print("error: --nested chooses adapter settings; use it with --method adapter", file=sys.stderr)
         return 2
