@@ -81,8 +81,8 @@ def read_config(folder: Path) -> LlamaConfig:
         if float(scaling.get("partial_rotary_factor", 1.0)) != 1.0:
             raise Unsupported(f"{folder}: partial rotary embeddings")
         scaling = {**scaling, "rope_type": kind}
-    heads = int(raw["num_attention_heads"])
     try:
+        heads = int(raw["num_attention_heads"])
         return LlamaConfig(
             hidden_size=int(raw["hidden_size"]),
             intermediate_size=int(raw["intermediate_size"]),
@@ -221,12 +221,10 @@ class PlainLlama(torch.nn.Module):
             return tensor.to(dtype)
 
         self.model = _Core(self.config, take)
-        if "lm_head.weight" in tensors:
-            self.lm_head = _linear(take("lm_head.weight"))
-        elif self.config.tie_word_embeddings:
+        if self.config.tie_word_embeddings:  # as transformers ties: a stored lm_head.weight is ignored
             self.lm_head = _linear(self.model.embed_tokens.weight)
         else:
-            raise ModelError(f"{folder}: the weights lack lm_head.weight")
+            self.lm_head = _linear(take("lm_head.weight"))
         self._base: dict[str, torch.Tensor] = {}  # projection name -> its weight before an adapter merge
 
     def projections(self) -> dict[str, torch.nn.Linear]:
@@ -305,5 +303,10 @@ def lora_deltas(folder: Path, model: PlainLlama) -> dict[str, torch.Tensor]:
     for name, pair in pairs.items():
         if name not in known or set(pair) != {"A", "B"}:
             raise Unsupported(f"{folder}: adapts {name}, which this reader does not merge")
-        deltas[name] = (pair["B"].float() @ pair["A"].float()) * scale
+        a, b = pair["A"], pair["B"]
+        shape = tuple(known[name].weight.shape)
+        if a.ndim != 2 or b.ndim != 2 or (b.shape[0], a.shape[1]) != shape or b.shape[1] != a.shape[0]:
+            raise ModelError(f"{folder} was trained for another base model: {name} is {shape}, the adapter "
+                             f"gives {(b.shape[0], a.shape[1])}")  # fmt: skip
+        deltas[name] = (b.float() @ a.float()) * scale
     return deltas

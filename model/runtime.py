@@ -8,6 +8,7 @@ end; the worker's batcher feeds the same engine request by request.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import threading
 import time
@@ -117,25 +118,27 @@ class LanguageModel:
     def _load(self, *, plain: bool) -> None:
         """The base weights, tokenizer and engine: read directly (``model.llama``) where that reader
         knows the folder, else with transformers (4-bit, GPU, other architectures)."""
-        self.plain = False
+        loaded = None
         if plain:
             try:
-                self.model, self.tokenizer = load_plain(self.base_path)
-                self.plain = True
+                loaded = load_plain(self.base_path)
             except Unsupported as err:
                 log.info("loading with transformers: %s", err)
-        if not self.plain:
-            self.model, self.tokenizer = load_base(
-                self.base_path, device=self.device, load_in_4bit=self.settings.load_in_4bit
-            )
+        model, tokenizer = loaded or load_base(
+            self.base_path, device=self.device, load_in_4bit=self.settings.load_in_4bit
+        )
         settings = self.settings
+        sampling, eos = _sampling(settings, model), _eos_ids(model, tokenizer)
         try:
-            self.engine = Engine(
-                self.model, eos_ids=self._eos_ids(), sampling=self.sampling(), max_batch=settings.batch_max,
-                cpu_weights=settings.cpu_weights, prefill_chunk=settings.prefill_chunk, prefix_cache=settings.prefix_cache,
-            )
+            engine = Engine(
+                model, eos_ids=eos, sampling=sampling, max_batch=settings.batch_max, cpu_weights=settings.cpu_weights,
+                prefill_chunk=settings.prefill_chunk, prefix_cache=settings.prefix_cache,
+            )  # fmt: skip
         except (AttributeError, TypeError) as err:
             raise ModelError(f"{self.base_path} is not a Llama-architecture model this engine can run: {err}") from err
+        # All or nothing: a failed reload leaves the model that was serving as it was.
+        self.model, self.tokenizer, self.engine, self.plain = model, tokenizer, engine, loaded is not None
+        self._can_sanitize = "sanitize_control_tokens" in inspect.signature(tokenizer.apply_chat_template).parameters
 
     @property
     def version(self) -> str:
@@ -173,10 +176,7 @@ class LanguageModel:
         """Token ids of a chat prompt, trimmed from the oldest turns to fit the prompt budget."""
         msgs = list(messages)
         while True:
-            ids = self.tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)
-            if hasattr(ids, "input_ids"):
-                ids = ids["input_ids"]
-            ids = list(ids)
+            ids = self._chat_ids(msgs, add_generation_prompt=True)
             if len(ids) <= self.settings.max_prompt_tokens or len(msgs) <= 2:
                 break
             del msgs[1]  # oldest history turn after the system prompt
@@ -187,15 +187,22 @@ class LanguageModel:
             ids = ids[: keep // 2] + ids[-(keep - keep // 2) :]
         return ids
 
+    def _chat_ids(self, messages: list[dict[str, str]], *, add_generation_prompt: bool) -> list[int]:
+        """The chat's token ids; control tokens typed inside a message are encoded as text on both loaders
+        (``ChatTokenizer`` always; transformers from 5.x, with ``sanitize_control_tokens``)."""
+        kwargs: dict[str, Any] = {"add_generation_prompt": add_generation_prompt, "tokenize": True}
+        if not self.plain and self._can_sanitize:
+            kwargs["sanitize_control_tokens"] = True
+        try:
+            ids = self.tokenizer.apply_chat_template(messages, **kwargs)
+        except ValueError as err:  # transformers: a control token its tokenizer also makes from plain text
+            raise ModelError(f"the prompt cannot be encoded safely: {err}") from err
+        if hasattr(ids, "input_ids"):
+            ids = ids["input_ids"]
+        return list(ids)
+
     def sampling(self) -> Sampling:
-        st = self.settings
-        return Sampling(
-            temperature=st.temperature,
-            top_k=int(getattr(self.model.generation_config, "top_k", None) or 50),
-            # Small models loop ("The machine is malfunctioning." eight times); these two stop it at the source.
-            repetition_penalty=st.repetition_penalty,
-            no_repeat_ngram_size=st.no_repeat_ngram_size,
-        )
+        return _sampling(self.settings, self.model)
 
     def request(
         self,
@@ -221,10 +228,7 @@ class LanguageModel:
         the part the same problem asked again shares, so the engine keeps its keys and values."""
         if len(messages) < 2 or messages[0].get("role") != "system":
             return 0
-        system = self.tokenizer.apply_chat_template(list(messages[:1]), tokenize=True)
-        if hasattr(system, "input_ids"):
-            system = system["input_ids"]
-        system = list(system)
+        system = self._chat_ids(list(messages[:1]), add_generation_prompt=False)
         return len(system) if ids[: len(system)] == system else 0
 
     def result(self, request: Request) -> Generation:
@@ -299,8 +303,22 @@ class LanguageModel:
         return on_token
 
     def _eos_ids(self) -> set[int]:
-        eos = self.model.generation_config.eos_token_id
-        ids = set(eos if isinstance(eos, list) else [eos]) if eos is not None else set()
-        if self.tokenizer.eos_token_id is not None:
-            ids.add(self.tokenizer.eos_token_id)
-        return ids
+        return _eos_ids(self.model, self.tokenizer)
+
+
+def _sampling(st: Settings, model: Any) -> Sampling:
+    return Sampling(
+        temperature=st.temperature,
+        top_k=int(getattr(model.generation_config, "top_k", None) or 50),
+        # Small models loop ("The machine is malfunctioning." eight times); these two stop it at the source.
+        repetition_penalty=st.repetition_penalty,
+        no_repeat_ngram_size=st.no_repeat_ngram_size,
+    )
+
+
+def _eos_ids(model: Any, tokenizer: Any) -> set[int]:
+    eos = model.generation_config.eos_token_id
+    ids = set(eos if isinstance(eos, list) else [eos]) if eos is not None else set()
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return ids

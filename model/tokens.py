@@ -66,17 +66,31 @@ class ChatTokenizer:
         except Exception as err:  # OSError, bad JSON, or the tokenizers library's own Exception
             raise Unsupported(f"{folder}: no tokenizer.json this reader can load: {err}") from err
         template_file = folder / "chat_template.jinja"
-        template = template_file.read_text(encoding="utf-8") if template_file.is_file() else config.get("chat_template")
+        try:
+            template = template_file.read_text(encoding="utf-8") if template_file.is_file() else config.get("chat_template")
+        except (OSError, UnicodeDecodeError) as err:
+            raise Unsupported(f"{folder}: the chat template cannot be read: {err}") from err
         if isinstance(template, list):  # named templates: the default one
             template = next((t.get("template") for t in template if t.get("name") == "default"), None)
         if not isinstance(template, str):
             raise Unsupported(f"{folder}: no chat template")
         if config.get("clean_up_tokenization_spaces") and type(self._tok.model).__name__ != "BPE":
             raise Unsupported(f"{folder}: decoding needs transformers' space clean-up")
-        self._template = _compile(template)
-        self.special = {name: text for name in SPECIAL_NAMES if (text := _token_text(config.get(name)))}
+        try:
+            self._template = _compile(template)
+        except Exception as err:  # e.g. transformers' own {% generation %} tag, which this environment lacks
+            raise Unsupported(f"{folder}: the chat template needs transformers: {err}") from err
+        # Special tokens as transformers resolves them: special_tokens_map.json, then tokenizer_config.json.
+        try:
+            mapped = json.loads((folder / "special_tokens_map.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            mapped = {}
+        self.special = {
+            name: text for name in SPECIAL_NAMES if (text := _token_text(config.get(name)) or _token_text(mapped.get(name)))
+        }
         self.eos_token_id = self._id(self.special.get("eos_token"))
-        self.pad_token_id = self._id(self.special.get("pad_token")) or self.eos_token_id
+        pad = self._id(self.special.get("pad_token"))
+        self.pad_token_id = self.eos_token_id if pad is None else pad
         controls = sorted((t.content for t in self._tok.get_added_tokens_decoder().values()), key=len, reverse=True)
         self._controls = re.compile("|".join(map(re.escape, controls)) or "(?!)")
         self._marked = re.compile(f"{_START}({self._controls.pattern}){_END}|[{_START}{_END}]")
@@ -94,7 +108,8 @@ class ChatTokenizer:
     def render(self, messages: Sequence[dict[str, Any]], *, add_generation_prompt: bool = False) -> str:
         marked = [{k: self._mark(v) for k, v in m.items() if v is not None} for m in messages]
         try:
-            return self._template.render(messages=marked, add_generation_prompt=add_generation_prompt, **self.special)
+            return self._template.render(messages=marked, add_generation_prompt=add_generation_prompt, tools=None,
+                                         documents=None, **self.special)  # fmt: skip
         except Exception as err:  # a template's own raise_exception, or a Jinja error
             raise ModelError(f"the chat template failed: {err}") from err
 

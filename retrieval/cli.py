@@ -68,7 +68,7 @@ def register(groups: Groups) -> None:
     p.add_argument("--batch-size", type=int, default=None, help="full method: pairs per step")
     p.add_argument("--learning-rate", type=float, default=None, help="full method: learning rate")
     p.add_argument("--min-gain", type=float, default=None, help="MRR gain needed to keep the tuned model")
-    p.add_argument("--hard-negatives", type=int, default=None, metavar="N",
+    p.add_argument("--hard-negatives", type=_count, default=None, metavar="N",
                    help="full method: each question also meets a wrong fix from BM25's top N for it (default 10); "
                         "0 is off")
     p.add_argument("--no-reindex", action="store_true", help="do not rebuild the index after keeping a model")
@@ -88,13 +88,20 @@ def register(groups: Groups) -> None:
     p.add_argument("--folds", type=int, default=5)
     p.add_argument("--max-folds", type=int, default=None, help="stop after this many folds (quicker estimate)")
     p.add_argument("--method", choices=["adapter", "full"], default="adapter")
-    p.add_argument("--hard-negatives", type=int, default=None, metavar="N",
+    p.add_argument("--hard-negatives", type=_count, default=None, metavar="N",
                    help="full method: each question also meets a wrong fix from BM25's top N for it (default "
                         "as `retrieval tune`: 10); 0 is off")
     p.add_argument("--nested", action="store_true",
                    help="choose the adapter's settings inside each training fold (inner 3-fold CV), not fixed")
     p.add_argument("--k", type=int, default=10)
     p.add_argument("--json", action="store_true")
+
+
+def _count(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} is negative; 0 turns it off")
+    return value
 
 
 def _open(settings: Settings):  # type: ignore[no-untyped-def]

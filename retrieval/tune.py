@@ -209,6 +209,8 @@ def hard_negatives(pairs: list[Pair], *, depth: int, seed: int) -> list[str | No
     negatives are random fixes, mostly easy; these are what retrieval actually confuses."""
     from retrieval.lexical import LexicalIndex
 
+    if depth < 0:
+        raise TrainingError(f"hard negatives: depth {depth} must be 0 (off) or more")
     docs = list(dict.fromkeys(p.positive for p in pairs))
     groups: dict[str, set[str]] = {}
     for p in pairs:
@@ -264,7 +266,9 @@ def train(base: Path, pairs: list[Pair], *, config: TuneConfig, output: Path, th
             positives = model(_features(model, [p.positive for p in batch]))["sentence_embedding"]
             sims = queries @ F.normalize(positives, dim=-1).T * config.scale
             extra = extra_same = None
-            hard = [negatives[i] for i in rows if negatives[i] is not None] if negatives else []
+            # Each wrong fix once, and never one that is already a column as some question's own fix.
+            own = {p.positive for p in batch}
+            hard = [n for n in dict.fromkeys(negatives[i] for i in rows) if n is not None and n not in own] if negatives else []
             if hard:
                 vectors = F.normalize(model(_features(model, hard))["sentence_embedding"], dim=-1)
                 extra = queries @ vectors.T * config.scale

@@ -8,6 +8,7 @@ kill -9 of a worker mid-answer, a redis-server stopped and started mid-run, ever
 from __future__ import annotations
 
 import os
+import selectors
 import signal
 import subprocess
 import sys
@@ -758,10 +759,15 @@ def test_ask_waits_for_a_worker_that_is_starting(tmp_path, redis_url):
         # ask is up and finds nobody (it says so); only then does the worker come. A fixed sleep here raced:
         # ask loads the anonymizer first, and a worker that starts in 3 s was up before ask looked.
         told = ""
-        while "waiting up to 400 s" not in told:
-            line = asking.stderr.readline()  # type: ignore[union-attr]
-            assert line, (told, asking.communicate())  # ask ended without waiting
-            told += line
+        deadline = time.monotonic() + 180
+        stderr = asking.stderr.fileno()  # type: ignore[union-attr]
+        watch = selectors.DefaultSelector()
+        watch.register(stderr, selectors.EVENT_READ)
+        while "waiting up to 400 s" not in told:  # raw reads: nothing left in a buffer the selector cannot see
+            assert watch.select(max(0.0, deadline - time.monotonic())), f"ask never said it waits: {told!r}"
+            chunk = os.read(stderr, 4096).decode("utf-8", "replace")
+            assert chunk, (told, asking.communicate())  # ask ended without waiting
+            told += chunk
         worker = WorkerProcess(settings, name="late", env=chaos_env(settings))
         out, err = asking.communicate(timeout=ANSWER_WAIT_S)
         err = told + err
