@@ -15,7 +15,7 @@ here in a few lines so the loops need neither ``datasets`` nor ``accelerate``:
 - ``full``: every MiniLM weight is trained (one epoch, AdamW, warm-up). On the Dell forum set it lifts
   cross-validated recall@5 further (README); on two AVX-512 CPU cores an epoch over 425 pairs takes
   about 2.5 minutes. ``hard_negatives`` (default 10): each question also meets a wrong fix among the ten
-  BM25 ranks highest for it; in the same CV it lifts MRR 0.525 -> 0.544 and recall@5 0.670 -> 0.678.
+  BM25 ranks highest for it; in the same CV it lifts MRR 0.525 -> 0.546 and recall@5 0.670 -> 0.676.
 - ``auto`` (default of ``tune``): both on the same pairs, the better on the held-out ones is kept.
 """
 
@@ -58,7 +58,7 @@ class TuneConfig:
     warmup_fraction: float = field(default=0.1, metadata={"help": "share of steps with a linear warm-up"})
     scale: float = field(default=20.0, metadata={"help": "cosine similarity scale in the softmax"})
     # 10: chosen before measuring, then on against off in 5-fold CV on the DellQA dev pairs (README):
-    # recall@1 0.424 -> 0.452, MRR 0.525 -> 0.544, recall@5 0.670 -> 0.678, MRR up in every fold.
+    # recall@1 0.424 -> 0.452, MRR 0.525 -> 0.546, recall@5 0.670 -> 0.676, MRR up in every fold.
     hard_negatives: int = field(
         default=10,
         metadata={"help": "full method: for each question, one resolution drawn from BM25's top N for it (not its "
