@@ -200,7 +200,7 @@ class PlainLlama(torch.nn.Module):
     projection weights (``use_adapter``); the base weights are kept to switch back.
     """
 
-    def __init__(self, folder: Path, *, dtype: torch.dtype = torch.float32, device: str = "cpu") -> None:
+    def __init__(self, folder: Path, *, dtype: torch.dtype = torch.float32) -> None:
         super().__init__()
         from safetensors.torch import load_file
 
@@ -209,7 +209,7 @@ class PlainLlama(torch.nn.Module):
         tensors: dict[str, torch.Tensor] = {}
         for path in _weight_files(folder):
             try:
-                tensors.update(load_file(str(path), device=device))
+                tensors.update(load_file(str(path)))  # CPU, memory-mapped
             except (OSError, RuntimeError, ValueError) as err:
                 raise ModelError(f"{path}: cannot read the weights: {err}") from err
 
@@ -231,10 +231,9 @@ class PlainLlama(torch.nn.Module):
         """Every LoRA-able projection by its module name (``model.layers.3.self_attn.q_proj``)."""
         found = {}
         for i, layer in enumerate(self.model.layers):
-            for owner, names in ((layer.self_attn, PROJECTIONS[:4]), (layer.mlp, PROJECTIONS[4:])):
-                part = "self_attn" if owner is layer.self_attn else "mlp"
+            for part, names in (("self_attn", PROJECTIONS[:4]), ("mlp", PROJECTIONS[4:])):
                 for name in names:
-                    found[f"model.layers.{i}.{part}.{name}"] = getattr(owner, name)
+                    found[f"model.layers.{i}.{part}.{name}"] = getattr(getattr(layer, part), name)
         return found
 
     @torch.no_grad()

@@ -203,6 +203,14 @@ def _mnrl(sims, groups: list[str], extra=None, extra_same=None):  # type: ignore
     return (F.cross_entropy(forward, labels) + F.cross_entropy(sims.T, labels)) / 2
 
 
+def fix_owners(pairs: list[Pair]) -> dict[str, set[str]]:
+    """Resolution text -> the groups it is the fix of (one fix can close several tickets)."""
+    owners: dict[str, set[str]] = {}
+    for p in pairs:
+        owners.setdefault(p.positive, set()).add(p.group)
+    return owners
+
+
 def hard_negatives(pairs: list[Pair], *, depth: int, seed: int) -> list[str | None]:
     """Per pair, a training resolution that BM25 ranks among the ``depth`` best for its question but that
     belongs to another group: a fix that shares the question's words and is still the wrong one. In-batch
@@ -212,9 +220,7 @@ def hard_negatives(pairs: list[Pair], *, depth: int, seed: int) -> list[str | No
     if depth < 0:
         raise TrainingError(f"hard negatives: depth {depth} must be 0 (off) or more")
     docs = list(dict.fromkeys(p.positive for p in pairs))
-    groups: dict[str, set[str]] = {}
-    for p in pairs:
-        groups.setdefault(p.positive, set()).add(p.group)
+    groups = fix_owners(pairs)
     index = LexicalIndex()
     index.add(list(range(len(docs))), docs)
     rng = random.Random(seed)
@@ -250,9 +256,7 @@ def train(base: Path, pairs: list[Pair], *, config: TuneConfig, output: Path, th
     )
     rng = random.Random(config.seed)
     negatives = hard_negatives(pairs, depth=config.hard_negatives, seed=config.seed) if config.hard_negatives else None
-    owners: dict[str, set[str]] = {}  # resolution -> the groups it is the fix of
-    for p in pairs:
-        owners.setdefault(p.positive, set()).add(p.group)
+    owners = fix_owners(pairs)
     step = 0
     started = time.monotonic()
     for epoch in range(config.epochs):

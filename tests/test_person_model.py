@@ -215,7 +215,7 @@ def test_the_plain_encoder_gives_transformers_probabilities(monkeypatch, bf16: b
     model = load_person_model()
     plain = TokenEncoder(model, bf16=bf16)
     assert plain.plain is not None
-    monkeypatch.setattr(TokenEncoder, "_plain", lambda self, model, model_dir: None)
+    monkeypatch.setattr(TokenEncoder, "_plain", lambda self, model, model_dir: (None, None))
     reference = TokenEncoder(model, bf16=bf16)
     assert reference.plain is None
     long_text = " ".join(["Thandiwe", "reset", "the", "router", "in", "Zürich", "again"] * 60)  # windows

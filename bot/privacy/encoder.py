@@ -175,9 +175,12 @@ class TokenEncoder:
         self.bf16 = bf16 and not int8 and native_bf16()
         # Without transformers where it can (retrieval/bert.py: a process that anonymizes starts seconds
         # sooner); dynamic int8 quantizes transformers' Linear modules, so int8 keeps them.
-        self.plain = None if int8 else self._plain(model, model_dir)
-        if self.plain is None:
+        self.plain, self.head = (None, None) if int8 else self._plain(model, model_dir)
+        if self.plain is not None:
+            self._cls, self._sep = (self.plain.tokenizer.token_to_id(t) for t in ("[CLS]", "[SEP]"))
+        else:
             self.tokenizer, bert = load_base(model_dir)
+            self._cls, self._sep = self.tokenizer.cls_token_id, self.tokenizer.sep_token_id
             self._check_base(fingerprint(bert))
             self.tagger = TokenTagger(bert)
             self.tagger.load_tensors(model.tensors)
@@ -204,27 +207,28 @@ class TokenEncoder:
                 f"the embedded MiniLM is {found}): {RETRAIN}"
             )
 
-    def _plain(self, model: PersonModel, model_dir: Path | None) -> Any:
-        """MiniLM with the shipped layers and head, on ``PlainBert``; None where that reader does not apply."""
+    def _plain(self, model: PersonModel, model_dir: Path | None) -> tuple[Any, Any]:
+        """(MiniLM with the shipped layers on ``PlainBert``, the head's weight and bias); (None, None)
+        where that reader does not apply."""
         torch = self._torch
         from retrieval.bert import PlainBert, Unsupported
 
         try:
             bert = PlainBert(model_dir or base_dir())
         except Unsupported:
-            return None
+            return None, None
         except Exception as err:  # noqa: BLE001 - whatever stops the model loading, names can't be found
             raise PrivacyError(f"the name encoder could not be loaded from {model_dir or base_dir()}: {err}") from err
         self._check_base(fingerprint(bert))
         shapes = {k: tuple(v.shape) for k, v in bert.tensors.items() if k.startswith("encoder.")}
         check_fit({**shapes, "head.weight": (1, bert.hidden), "head.bias": (1,)}, model.tensors, bert.num_layers)
         shipped = {k: torch.from_numpy(np.asarray(v, dtype=np.float32)) for k, v in model.tensors.items()}
-        self.head = (shipped.pop("head.weight"), shipped.pop("head.bias"))
+        head = (shipped.pop("head.weight"), shipped.pop("head.bias"))
         bert.replace(shipped)
         if self.bf16:
             bert.cast(torch.bfloat16)
-            self.head = tuple(t.to(torch.bfloat16) for t in self.head)
-        return bert
+            head = tuple(t.to(torch.bfloat16) for t in head)
+        return bert, head
 
     def _logits(self, window: list[int]) -> Any:
         torch = self._torch
@@ -266,19 +270,17 @@ class TokenEncoder:
             if self.plain is not None:
                 plain = self.plain.tokenizer.encode(text, add_special_tokens=False)
                 encoded = {"input_ids": plain.ids, "offset_mapping": plain.offsets}
-                cls, sep = (self.plain.tokenizer.token_to_id(t) for t in ("[CLS]", "[SEP]"))
             else:
                 encoded = self.tokenizer(
                     text, add_special_tokens=False, return_offsets_mapping=True, verbose=False
                 )
-                cls, sep = self.tokenizer.cls_token_id, self.tokenizer.sep_token_id
         ids: list[int] = encoded["input_ids"][:MAX_SUBWORDS]
         offsets = [tuple(o) for o in encoded["offset_mapping"][:MAX_SUBWORDS]]
         states = np.zeros((len(ids), 1), dtype=np.float32)
         torch = self._torch
         with self._lock, torch.inference_mode():
             for start in range(0, len(ids), WINDOW):
-                window = [cls, *ids[start : start + WINDOW], sep]
+                window = [self._cls, *ids[start : start + WINDOW], self._sep]
                 logits = self._logits(window)[1:-1]
                 states[start : start + len(window) - 2, 0] = torch.sigmoid(logits.float()).numpy()
         result = (offsets, states)  # type: ignore[assignment]
