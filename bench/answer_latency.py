@@ -42,6 +42,25 @@ def read_bandwidth_gbs(size_mb: int = 1024, repeats: int = 5) -> float:
     return data.numel() * 4 / best / 1e9
 
 
+def matrix_read_bandwidth_gbs(engine, repeats: int = 5) -> float | None:  # type: ignore[no-untyped-def]
+    """Read bandwidth over matrices the size of the engine's, one read each in a decode step's order:
+    what reading the weights one matrix at a time can reach (each read starts the threads again),
+    reported beside the 1 GiB figure the bound is made of. None where the weights are not fused."""
+    import torch
+
+    if engine.head_t is None:
+        return None
+    parts = [d for layer in engine.layers for d in (layer.qkv, layer.o, layer.gate_up, layer.down)]
+    matrices = [torch.ones(d.out_features, d.in_features, dtype=torch.float16) for d in [*parts, engine.head_t]]
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for m in matrices:
+            m.sum()
+        best = min(best, time.perf_counter() - start)
+    return sum(m.numel() * 2 for m in matrices) / best / 1e9
+
+
 def decode_rate(lm, messages, tokens: int) -> float:  # type: ignore[no-untyped-def]
     """Decode tokens/s of the engine the workers serve with (same sampling settings), prefill
     subtracted: time(n tokens) - time(1 token), over n - 1. Best of three."""
@@ -112,13 +131,18 @@ def direct(data_dir: Path, max_new_tokens: int, runs: int) -> dict:  # type: ign
         from model.engine import Engine, cpu_weight_form
 
         default_engine = lm.engine
-        for form in ("bf16", "fp16", "fp32"):
-            if form == default_engine.weight_form or cpu_weight_form(form) != form:
+        for form, row in (("bf16", "auto"), ("bf16", "off"), ("fp16", "auto"), ("fp32", "auto")):
+            if cpu_weight_form(form) != form:
                 continue
-            lm.engine = Engine(lm.model, eos_ids=lm._eos_ids(), sampling=lm.sampling(), cpu_weights=form)
+            engine = Engine(lm.model, eos_ids=lm._eos_ids(), sampling=lm.sampling(), cpu_weights=form,
+                            row_weights=row)  # fmt: skip
+            name = form + (f" + {engine.row_form} one-row copy" if engine.row_form else "")
+            if (engine.weight_form, engine.row_form) == (default_engine.weight_form, default_engine.row_form):
+                continue
+            lm.engine = engine
             other = decode_rate(lm, messages, 64)
-            other_bound = bandwidth * 1e9 / lm.engine.weight_bytes()
-            forms[form] = {"decode_tokens_per_s": round(other, 1), "decode_share_of_bound": round(other / other_bound, 3)}
+            other_bound = bandwidth * 1e9 / engine.weight_bytes()
+            forms[name] = {"decode_tokens_per_s": round(other, 1), "decode_share_of_bound": round(other / other_bound, 3)}
         lm.engine = default_engine
 
     return {
@@ -130,6 +154,8 @@ def direct(data_dir: Path, max_new_tokens: int, runs: int) -> dict:  # type: ign
         "wbytes": wbytes,
         "bound": bound,
         "weight_format": lm.engine.weight_form,
+        "row_format": lm.engine.row_form,
+        "matrix_bandwidth": matrix_read_bandwidth_gbs(lm.engine),
         "forms": forms,
     }
 
@@ -202,6 +228,9 @@ def main() -> None:
         "read_bandwidth_gbs": round(bandwidth, 2),
         "weight_mb": round(wbytes / 1e6, 1),
         "weight_format": d["weight_format"],
+        "one_row_format": d["row_format"],  # bf16 keeps an fp16 copy for one-row steps where memory allows
+        # the same bytes read one matrix at a time (each read restarts the threads): a practical ceiling
+        "matrix_read_bandwidth_gbs": d["matrix_bandwidth"] and round(d["matrix_bandwidth"], 2),
         "bandwidth_bound_tokens_per_s": round(bound, 1),
         "decode_share_of_bound": round(rate / bound, 3),
         "transformers_generate_decode_tokens_per_s": round(hf_rate, 1),

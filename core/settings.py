@@ -87,6 +87,11 @@ class Settings(BaseSettings):
         description="CPU weight format of the decode engine: auto (bf16 where the CPU computes bf16 natively, "
         "else fp16), bf16 (oneDNN), fp16 (fbgemm, half the bytes of fp32) or exact fp32",
     )
+    cpu_row_weights: Literal["auto", "fp16", "off"] = Field(
+        "auto",
+        description="With bf16 weights, a second fp16 copy for one-row decode steps (one user at a time: 1.4x "
+        "faster); auto keeps it where it takes at most 1/8 of the memory",
+    )
     prefill_chunk: int = Field(
         128, ge=8, description="Prompt tokens prefilled per engine step, so a long prompt never stalls running answers"
     )

@@ -19,8 +19,9 @@ runs its own loop instead, one step at a time:
 The forward pass is written here for the Llama architecture (SmolLM2, Llama 3.x) on the model's own
 weights. On CPU the dense fp32 projections are fused (q/k/v, gate/up) and kept in the form the
 fastest kernel wants (``cpu_weights``: bf16 packed for oneDNN where the CPU computes bf16 natively,
-else fp16 packed for fbgemm, or fp32 transposed; see ``_Dense``). LoRA adapters are merged into those
-fused copies. Any other layer (NF4 4-bit, or any device but the CPU) is called as the module it is,
+else fp16 packed for fbgemm, or fp32 transposed; see ``_Dense``), and with bf16 a second, fp16 copy
+for one-row steps (``row_weights``). Query and key rows are reordered so that the rotary embedding is
+one complex product (``_pair_rotary_rows``). LoRA adapters are merged into those fused copies. Any other layer (NF4 4-bit, or any device but the CPU) is called as the module it is,
 adapter included, so the GPU path runs this same loop with the GPU's own kernels.
 """
 
@@ -28,10 +29,12 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -88,11 +91,17 @@ class _Dense:
       an AVX512-BF16 EPYC 2.3x faster than fbgemm at 16 rows and 4x at a 128-token prefill chunk,
       0.8x at one row (``python -m bench.answer_latency``, ``bench.load``). Inputs are rounded to bf16
       for the product only; the residual stream stays fp32.
+
+    With ``row_copy`` (bf16 only) the weight is also kept as plain fp16 for one- to three-row products,
+    where aten's fp16 matrix-vector kernel reads the weights 1.4x faster than oneDNN's bf16 block.
     """
 
-    def __init__(self, weight: torch.Tensor, *, form: str) -> None:
+    def __init__(self, weight: torch.Tensor, *, form: str, row_copy: bool = False) -> None:
         self.out_features, self.in_features = weight.shape
         self.form = form
+        self.row: torch.Tensor | None = None
+        if form == "bf16" and row_copy:
+            self.row = weight.to(torch.float16).contiguous()
         if form == "fp16":
             self.packed = torch.fbgemm_pack_gemm_matrix_fp16(weight.float().contiguous())
         elif form == "bf16":
@@ -104,6 +113,11 @@ class _Dense:
         if self.form == "fp32":
             return x @ self.weight_t
         flat = x.reshape(-1, self.in_features)
+        if self.row is not None and flat.shape[0] < _BF16_MIN_ROWS:
+            # aten's fp16 matrix-vector product (fp32 sums, the result rounded to fp16): 1.4x oneDNN's
+            # bf16 block on one row, near the read bound of these matrices on an AVX512 EPYC.
+            # The result stays fp16 (the callers' sums promote it; one op fewer per product).
+            return F.linear(flat.to(torch.float16), self.row).view(*x.shape[:-1], self.out_features)
         if self.form == "fp16":
             out = torch.fbgemm_linear_fp16_weight_fp32_activation(flat, self.packed, None)
         else:
@@ -159,7 +173,7 @@ def cpu_weight_form(requested: str) -> str:
 class _Layer:
     """One decoder layer's weights in the form the forward pass uses."""
 
-    def __init__(self, layer: Any, *, fuse: bool, form: str = "fp32") -> None:
+    def __init__(self, layer: Any, *, head_dim: int, fuse: bool, form: str = "fp32", row_copy: bool = False) -> None:
         attn, mlp = layer.self_attn, layer.mlp
         self.norm1 = layer.input_layernorm.weight
         self.norm2 = layer.post_attention_layernorm.weight
@@ -173,11 +187,34 @@ class _Layer:
         dense = [_dense_weight(m) for m in self.modules]
         if fuse and all(w is not None for w in dense):
             q, k, v, o, gate, up, down = dense
-            self.qkv = _Dense(torch.cat([q, k, v]), form=form)  # type: ignore[list-item]
-            self.o = _Dense(o, form=form)  # type: ignore[arg-type]
-            self.gate_up = _Dense(torch.cat([gate, up]), form=form)  # type: ignore[list-item]
-            self.down = _Dense(down, form=form)  # type: ignore[arg-type]
+            q, k = _pair_rotary_rows(q, head_dim), _pair_rotary_rows(k, head_dim)  # type: ignore[arg-type]
+            self.qkv = _Dense(torch.cat([q, k, v]), form=form, row_copy=row_copy)  # type: ignore[list-item]
+            self.o = _Dense(o, form=form, row_copy=row_copy)  # type: ignore[arg-type]
+            self.gate_up = _Dense(torch.cat([gate, up]), form=form, row_copy=row_copy)  # type: ignore[list-item]
+            self.down = _Dense(down, form=form, row_copy=row_copy)  # type: ignore[arg-type]
         self.act = mlp.act_fn
+
+
+def _memory_bytes() -> int:
+    """This machine's memory, or the container's limit where one is set (cgroup v2)."""
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+    except OSError:
+        return total
+    return min(total, int(limit)) if limit.isdigit() else total
+
+
+def _pair_rotary_rows(weight: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """Query or key rows reordered so that each head's rotary pairs sit side by side.
+
+    transformers' Llama rotates dimension ``i`` of a head together with ``i + head_dim/2``
+    (``rotate_half``); with the pairs adjacent, the rotation of every query and key head is one complex
+    product (3 ops where rotate_half takes 14 per layer). Queries and keys get the same order, so their
+    dot products, and the attention, do not change; only the cache holds keys in this order."""
+    half = head_dim // 2
+    order = torch.arange(head_dim).view(2, half).t().reshape(-1)  # 0, half, 1, half + 1, ...
+    return weight.view(-1, head_dim, weight.shape[-1])[:, order].reshape(weight.shape)
 
 
 def _dense_weight(module: Any) -> torch.Tensor | None:
@@ -208,6 +245,7 @@ class Engine:
         sampling: Sampling,
         max_batch: int = 16,
         cpu_weights: str = "auto",
+        row_weights: str = "auto",
         prefill_chunk: int = 128,
         prefix_cache: int = 8,
         min_prefix: int = 16,
@@ -217,6 +255,7 @@ class Engine:
         self.sampling = sampling
         self.max_batch = max_batch
         self.cpu_weights = cpu_weights
+        self.row_weights = row_weights
         self.prefill_chunk = prefill_chunk
         self.prefix_slots = prefix_cache
         self.min_prefix = min_prefix
@@ -245,28 +284,43 @@ class Engine:
         # The CPU form the fused weights are kept in ("fp32", "fp16" or "bf16"); None: not fused.
         self.weight_form = cpu_weight_form(self.cpu_weights) if fuse else None
         form = self.weight_form or "fp32"
+        self.heads = config.num_attention_heads
+        self.kv_heads = config.num_key_value_heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
+        self.row_form = self._row_form(core, inner.lm_head, form)
+        row_copy = self.row_form == "fp16"
         with torch.no_grad():
-            self.layers = [_Layer(layer, fuse=fuse, form=form) for layer in core.layers]
+            self.layers = [_Layer(layer, head_dim=self.head_dim, fuse=fuse, form=form, row_copy=row_copy)
+                           for layer in core.layers]
             self.embed = core.embed_tokens
             self.norm = core.norm.weight
             self.norm_eps = core.norm.variance_epsilon
             head = _dense_weight(inner.lm_head) if fuse else None
-            self.head_t = _Dense(head, form=form) if head is not None else None
+            self.head_t = _Dense(head, form=form, row_copy=row_copy) if head is not None else None
             self.head = inner.lm_head
         self.vocab = int(self.head.weight.shape[0]) if hasattr(self.head, "weight") else config.vocab_size
-        self.heads = config.num_attention_heads
-        self.kv_heads = config.num_key_value_heads
-        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
         self.scaling = self.head_dim**-0.5
         rotary = core.rotary_emb
         self.inv_freq = rotary.inv_freq.to(self.device, torch.float32)
         self.rope_scale = float(getattr(rotary, "attention_scaling", 1.0))
-        self._cos = self._sin = torch.empty(0)
+        self._cos = self._sin = self._turns = torch.empty(0)
         self._capacity = 0
         self._keys: list[torch.Tensor] = []
         self._values: list[torch.Tensor] = []
         self._prefixes.clear()
         self._last_ids = []
+
+    def _row_form(self, core: Any, head: Any, form: str) -> str | None:
+        """The form one-row steps use: "fp16" (a second copy of the weights, for aten's fp16
+        matrix-vector product) or None (the batch form). Only the bf16 form needs the copy: oneDNN's bf16
+        kernels win from four rows up (a prefill chunk, a busy batch), fp16 wins on one row (one user at
+        a time, the usual case). ``auto`` keeps the copy where it takes at most 1/8 of the memory."""
+        if form != "bf16" or self.row_weights == "off":
+            return None
+        if self.row_weights == "fp16":
+            return "fp16"
+        params = sum(p.numel() for p in core.layers.parameters()) + sum(p.numel() for p in head.parameters())
+        return "fp16" if params * 2 <= _memory_bytes() // 8 else None
 
     # --- requests ---------------------------------------------------------------------------------
     def add(self, request: Request) -> None:
@@ -434,6 +488,7 @@ class Engine:
         emb = torch.cat([freqs, freqs], dim=-1)
         self._cos = (emb.cos() * self.rope_scale).to(self.dtype)
         self._sin = (emb.sin() * self.rope_scale).to(self.dtype)
+        self._turns = torch.polar(torch.full_like(freqs, self.rope_scale), freqs)  # for the paired rows
 
     def _prefill(self, r: Request) -> bool:
         """Prefill the next chunk of ``r`` in the staging row; True once its first token is made and it
@@ -536,8 +591,11 @@ class Engine:
             positions = torch.arange(starts[0], starts[0] + t, device=self.device)[None]
         else:
             positions = torch.tensor(starts, device=self.device)[:, None]
-        cos = self._cos[positions][:, None]  # [batch, 1, t, dim]
-        sin = self._sin[positions][:, None]
+        if self.layers[0].qkv is not None:
+            turns = self._turns[positions][:, :, None]  # [batch, t, 1, dim / 2]
+        else:
+            cos = self._cos[positions][:, None]  # [batch, 1, t, dim]
+            sin = self._sin[positions][:, None]
         width = max(starts) + t
         if t > 1:  # one row: causal within the chunk, everything before it visible
             mask = torch.ones(t, width, dtype=torch.bool, device=self.device).tril(diagonal=starts[0])[None, None]
@@ -555,16 +613,19 @@ class Engine:
         kv_size = self.kv_heads * self.head_dim
         for layer, keys, values in zip(self.layers, self._keys, self._values):
             x = F.rms_norm(hidden, (hidden.shape[-1],), layer.norm1, layer.eps)
-            if layer.qkv is not None:
-                qkv = layer.qkv(x)
-                q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
+            if layer.qkv is not None:  # fused: the rows come paired (_pair_rotary_rows), fp32
+                qkv = layer.qkv(x).float()
+                pairs = qkv[..., : q_size + kv_size].view(batch, t, self.heads + self.kv_heads, -1, 2)
+                qk = torch.view_as_real(torch.view_as_complex(pairs) * turns).view(batch, t, -1, self.head_dim)
+                q, k = qk[:, :, : self.heads].transpose(1, 2), qk[:, :, self.heads :].transpose(1, 2)
+                v = qkv[..., q_size + kv_size :].view(batch, t, self.kv_heads, self.head_dim).transpose(1, 2)
             else:
                 q, k, v = (m(x) for m in layer.modules[:3])
-            q = q.view(batch, t, self.heads, self.head_dim).transpose(1, 2)
-            k = k.view(batch, t, self.kv_heads, self.head_dim).transpose(1, 2)
-            v = v.view(batch, t, self.kv_heads, self.head_dim).transpose(1, 2)
-            q = q * cos + _rotate_half(q) * sin
-            k = k * cos + _rotate_half(k) * sin
+                q = q.view(batch, t, self.heads, self.head_dim).transpose(1, 2)
+                k = k.view(batch, t, self.kv_heads, self.head_dim).transpose(1, 2)
+                v = v.view(batch, t, self.kv_heads, self.head_dim).transpose(1, 2)
+                q = q * cos + _rotate_half(q) * sin
+                k = k * cos + _rotate_half(k) * sin
             if t > 1:
                 keys[rows[0], :, starts[0] : starts[0] + t] = k[0]
                 values[rows[0], :, starts[0] : starts[0] + t] = v[0]
@@ -577,6 +638,13 @@ class Engine:
                     enable_gqa=self.kv_heads != self.heads,
                 )
                 attn = attn.transpose(1, 2).reshape(batch, t, q_size)
+            elif batch == 1:
+                # One row sees its whole cache: no mask, and the query heads of a key head are its
+                # "positions" (1.8x the products below for one row).
+                grouped = q.reshape(1, self.kv_heads, self.heads // self.kv_heads, self.head_dim)
+                attn = F.scaled_dot_product_attention(
+                    grouped, keys[select, :, :width], values[select, :, :width], scale=self.scaling
+                ).reshape(batch, t, q_size)
             else:
                 # One query per row: two small batched products over the rows' own cache slices. On the
                 # CPU this is 4x faster than sdpa, which copies the strided cache slices first.

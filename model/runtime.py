@@ -132,6 +132,7 @@ class LanguageModel:
         try:
             engine = Engine(
                 model, eos_ids=eos, sampling=sampling, max_batch=settings.batch_max, cpu_weights=settings.cpu_weights,
+                row_weights=settings.cpu_row_weights,
                 prefill_chunk=settings.prefill_chunk, prefix_cache=settings.prefix_cache,
             )  # fmt: skip
         except (AttributeError, TypeError) as err:
