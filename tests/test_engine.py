@@ -91,19 +91,32 @@ def test_one_row_decode_step_matches_transformers(lm):
     ids = lm.render(build_messages(question=QUESTIONS[2]))
     with torch.inference_mode():
         reference = lm.model(input_ids=torch.tensor([ids])).logits[0, -1]
-    cases = [(form, tolerance, "auto") for form, tolerance in _forms()]
+    cases = [(form, tolerance, "fp16") for form, tolerance in _forms()]
     if bf16_kernels_available():
         cases.append(("bf16", 0.5, "off"))  # the bf16 kernels on one row (padded to four)
     for form, tolerance, row in cases:
         engine = _engine(lm, cpu_weights=form, row_weights=row)
-        # The copy is made for bf16 only, unless turned off (this machine has the memory for it).
-        assert engine.row_form == ("fp16" if form == "bf16" and row == "auto" else None)
+        assert engine.row_form == ("fp16" if form == "bf16" and row == "fp16" else None)  # a copy for bf16 only
         with torch.inference_mode():
             engine._ensure_capacity(len(ids))
             engine._forward(torch.tensor([ids[:-1]]), rows=[0], starts=[0], last_only=True)  # prefill
             step = engine._forward(torch.tensor([ids[-1:]]), rows=[0], starts=[len(ids) - 1], last_only=True)[0]
         assert torch.allclose(step, reference, atol=tolerance), (form, row, (step - reference).abs().max())
         assert int(step.argmax()) == int(reference.argmax())
+
+
+def test_one_row_copy_is_kept_where_memory_allows(lm, monkeypatch):
+    from model import engine as engine_module
+    from model.engine import bf16_kernels_available
+
+    if not bf16_kernels_available():
+        pytest.skip("this CPU has no native bf16 kernels: the fp16 one-row copy is made for the bf16 form only")
+    weights = sum(p.numel() for p in lm.model.parameters()) * 2  # the copy's bytes, about (tied head: once)
+    monkeypatch.setattr(engine_module, "_memory_bytes", lambda: weights * 16)
+    assert _engine(lm, cpu_weights="bf16").row_form == "fp16"
+    monkeypatch.setattr(engine_module, "_memory_bytes", lambda: weights * 4)  # the copy would take half
+    assert _engine(lm, cpu_weights="bf16").row_form is None
+    assert _engine(lm, cpu_weights="bf16", row_weights="fp16").row_form == "fp16"  # asked for: kept
 
 
 def _run_joining(engine, requests):  # type: ignore[no-untyped-def]
