@@ -48,17 +48,18 @@ def matrix_read_bandwidth_gbs(engine, repeats: int = 5) -> float | None:  # type
     reported beside the 1 GiB figure the bound is made of. None where the weights are not fused."""
     import torch
 
-    if engine.head_t is None:
+    if engine.head_t is None or any(layer.qkv is None for layer in engine.layers):
         return None
     parts = [d for layer in engine.layers for d in (layer.qkv, layer.o, layer.gate_up, layer.down)]
-    matrices = [torch.ones(d.out_features, d.in_features, dtype=torch.float16) for d in [*parts, engine.head_t]]
+    dtype = torch.float32 if engine.weight_form == "fp32" else torch.float16  # the bytes a step reads
+    matrices = [torch.ones(d.out_features, d.in_features, dtype=dtype) for d in [*parts, engine.head_t]]
     best = float("inf")
     for _ in range(repeats):
         start = time.perf_counter()
         for m in matrices:
             m.sum()
         best = min(best, time.perf_counter() - start)
-    return sum(m.numel() * 2 for m in matrices) / best / 1e9
+    return sum(m.numel() * m.element_size() for m in matrices) / best / 1e9
 
 
 def decode_rate(lm, messages, tokens: int) -> float:  # type: ignore[no-untyped-def]
@@ -137,7 +138,8 @@ def direct(data_dir: Path, max_new_tokens: int, runs: int) -> dict:  # type: ign
             engine = Engine(lm.model, eos_ids=lm._eos_ids(), sampling=lm.sampling(), cpu_weights=form,
                             row_weights=row)  # fmt: skip
             name = form + (f" + {engine.row_form} one-row copy" if engine.row_form else "")
-            if (engine.weight_form, engine.row_form) == (default_engine.weight_form, default_engine.row_form):
+            same = (engine.weight_form, engine.row_form) == (default_engine.weight_form, default_engine.row_form)
+            if same or name in forms:
                 continue
             lm.engine = engine
             other = decode_rate(lm, messages, 64)

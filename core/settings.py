@@ -90,7 +90,7 @@ class Settings(BaseSettings):
     cpu_row_weights: Literal["auto", "fp16", "off"] = Field(
         "auto",
         description="With bf16 weights, a second fp16 copy for one-row decode steps (one user at a time: 1.4x "
-        "faster); auto keeps it where it takes at most 1/8 of the memory",
+        "faster); auto keeps it where it takes at most 1/16 of the memory",
     )
     prefill_chunk: int = Field(
         128, ge=8, description="Prompt tokens prefilled per engine step, so a long prompt never stalls running answers"

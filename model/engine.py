@@ -197,13 +197,20 @@ class _Layer:
 
 
 def _memory_bytes() -> int:
-    """This machine's memory, or the container's limit where one is set (cgroup v2)."""
-    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    """This machine's memory, or the container's limit where one is set (cgroup v2 or v1); 0 where it
+    cannot be read."""
     try:
-        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
-    except OSError:
-        return total
-    return min(total, int(limit)) if limit.isdigit() else total
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):  # no sysconf (Windows) or no such name
+        return 0
+    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            limit = Path(path).read_text().strip()
+        except OSError:
+            continue
+        if limit.isdigit():
+            total = min(total, int(limit))
+    return total
 
 
 def _pair_rotary_rows(weight: torch.Tensor, head_dim: int) -> torch.Tensor:
@@ -215,7 +222,7 @@ def _pair_rotary_rows(weight: torch.Tensor, head_dim: int) -> torch.Tensor:
     dot products, and the attention, do not change; only the cache holds keys in this order."""
     half = head_dim // 2
     order = torch.arange(head_dim).view(2, half).t().reshape(-1)  # 0, half, 1, half + 1, ...
-    return weight.view(-1, head_dim, weight.shape[-1])[:, order].reshape(weight.shape)
+    return weight.reshape(-1, head_dim, weight.shape[-1])[:, order].reshape(weight.shape)
 
 
 def _dense_weight(module: Any) -> torch.Tensor | None:
@@ -315,13 +322,15 @@ class Engine:
         """The form one-row steps use: "fp16" (a second copy of the weights, for aten's fp16
         matrix-vector product) or None (the batch form). Only the bf16 form needs the copy: oneDNN's bf16
         kernels win from four rows up (a prefill chunk, a busy batch), fp16 wins on one row (one user at
-        a time, the usual case). ``auto`` keeps the copy where it takes at most 1/8 of the memory."""
+        a time, the usual case). ``auto`` keeps the copy where it takes at most 1/16 of the memory: with
+        the mapped fp32 weights and the bf16 copy a model then holds half of it, and a reload builds the
+        new model before it lets the old one go."""
         if form != "bf16" or self.row_weights == "off":
             return None
         if self.row_weights == "fp16":
             return "fp16"
         params = sum(p.numel() for p in core.layers.parameters()) + sum(p.numel() for p in head.parameters())
-        return "fp16" if params * 2 <= _memory_bytes() // 8 else None
+        return "fp16" if params * 2 <= _memory_bytes() // 16 else None
 
     # --- requests ---------------------------------------------------------------------------------
     def add(self, request: Request) -> None:
@@ -592,9 +601,10 @@ class Engine:
             positions = torch.arange(starts[0], starts[0] + t, device=self.device)[None]
         else:
             positions = torch.tensor(starts, device=self.device)[:, None]
-        if self.layers[0].qkv is not None:
+        # Fusing is decided per layer (a layer _dense_weight cannot read stays as its modules).
+        if any(layer.qkv is not None for layer in self.layers):
             turns = self._turns[positions][:, :, None]  # [batch, t, 1, dim / 2]
-        else:
+        if any(layer.qkv is None for layer in self.layers):
             cos = self._cos[positions][:, None]  # [batch, 1, t, dim]
             sin = self._sin[positions][:, None]
         width = max(starts) + t
@@ -665,7 +675,22 @@ class Engine:
             hidden = hidden[:, -1]
         hidden = F.rms_norm(hidden, (hidden.shape[-1],), self.norm, self.norm_eps)
         logits = self.head_t(hidden) if self.head_t is not None else self.head(hidden)
+        if self.row_form is not None and batch * t == 1 and not bool(torch.isfinite(logits).all()):
+            # The fp16 copy's range (65,504) was too small for this model's activations: the step is
+            # redone in bf16 (it rewrites the same cache slots) and the copy is dropped for good.
+            log.warning("a one-row step overflowed fp16: the engine drops its fp16 copy and serves in bf16")
+            self._drop_row_copy()
+            return self._forward(ids, rows=rows, starts=starts, last_only=last_only)
         return logits.float()
+
+    def _drop_row_copy(self) -> None:
+        for layer in self.layers:
+            for dense in (layer.qkv, layer.o, layer.gate_up, layer.down):
+                if dense is not None:
+                    dense.row = None
+        if self.head_t is not None:
+            self.head_t.row = None
+        self.row_form = None
 
     # --- picking tokens ---------------------------------------------------------------------------
     def _pick(self, logits: torch.Tensor, rows: list[Request]) -> list[int]:
