@@ -617,7 +617,10 @@ class Engine:
             heads_index = torch.arange(self.kv_heads, device=self.device)
             slots = (torch.tensor(rows, device=self.device)[:, None] * self.kv_heads + heads_index) * self._capacity
             slots = (slots + index[:, None]).reshape(-1)
-            mask = (torch.arange(width, device=self.device)[None] < (index + 1)[:, None])[:, None, None]
+            visible = torch.arange(width, device=self.device)[None] < (index + 1)[:, None]
+            # Built once per step, not per layer: 0 where a row sees a position, -inf past its length.
+            bias = torch.zeros(batch, 1, 1, width, dtype=self.dtype, device=self.device)
+            bias.masked_fill_(~visible[:, None, None], -math.inf)
         contiguous = rows == list(range(rows[0], rows[0] + batch))
         select = slice(rows[0], rows[0] + batch) if contiguous else torch.tensor(rows, device=self.device)
         q_size = self.heads * self.head_dim
@@ -649,20 +652,16 @@ class Engine:
                     enable_gqa=self.kv_heads != self.heads,
                 )
                 attn = attn.transpose(1, 2).reshape(batch, t, q_size)
-            elif batch == 1:
-                # One row sees its whole cache: no mask, and the query heads of a key head are its
-                # "positions" (1.8x the products below for one row).
-                grouped = q.reshape(1, self.kv_heads, self.heads // self.kv_heads, self.head_dim)
-                attn = F.scaled_dot_product_attention(
-                    grouped, keys[select, :, :width], values[select, :, :width], scale=self.scaling
-                ).reshape(batch, t, q_size)
             else:
-                # One query per row: two small batched products over the rows' own cache slices. On the
-                # CPU this is 4x faster than sdpa, which copies the strided cache slices first.
+                # One query per row; the query heads of a key head are its "positions". One row sees its
+                # whole cache (no mask); a batch's rows each see their own length (``bias``). Against two
+                # batched products and a masked softmax: a 16-row step at 450 positions 2-13 % shorter
+                # (about the same at 200), and one row's attention 1.8x faster.
                 grouped = q.reshape(batch, self.kv_heads, self.heads // self.kv_heads, self.head_dim)
-                scores = grouped @ keys[select, :, :width].transpose(-1, -2) * self.scaling
-                scores = scores.masked_fill(~mask, -math.inf).softmax(-1)
-                attn = (scores @ values[select, :, :width]).reshape(batch, t, q_size)
+                attn = F.scaled_dot_product_attention(
+                    grouped, keys[select, :, :width], values[select, :, :width],
+                    attn_mask=bias if batch > 1 else None, scale=self.scaling,
+                ).reshape(batch, t, q_size)  # fmt: skip
             hidden = hidden + (layer.o(attn) if layer.o is not None else layer.modules[3](attn))
             x = F.rms_norm(hidden, (hidden.shape[-1],), layer.norm2, layer.eps)
             if layer.gate_up is not None:
