@@ -21,8 +21,9 @@ weights. On CPU the dense fp32 projections are fused (q/k/v, gate/up) and kept i
 fastest kernel wants (``cpu_weights``: bf16 packed for oneDNN where the CPU computes bf16 natively,
 else fp16 packed for fbgemm, or fp32 transposed; see ``_Dense``), and with bf16 a second, fp16 copy
 for one-row steps (``row_weights``). Query and key rows are reordered so that the rotary embedding is
-one complex product (``_pair_rotary_rows``). LoRA adapters are merged into those fused copies. Any other layer (NF4 4-bit, or any device but the CPU) is called as the module it is,
-adapter included, so the GPU path runs this same loop with the GPU's own kernels.
+one complex product (``_pair_rotary_rows``). LoRA adapters are merged into those fused copies. Any
+other layer (NF4 4-bit, or any device but the CPU) is called as the module it is, adapter included,
+so the GPU path runs this same loop with the GPU's own kernels.
 """
 
 from __future__ import annotations
