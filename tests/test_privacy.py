@@ -230,6 +230,19 @@ def test_log_filter_redacts_structured_values_and_known_names(anonymizer: Anonym
     assert "<EMAIL_ADDRESS>" in out and "ValueError" in out
 
 
+def test_task_ids_in_logs_stay_whole_and_numbers_beside_them_do_not() -> None:
+    """Celery task ids are UUIDs whose first group can be all digits: not a phone number."""
+    redactor = StructuredRedactor()
+    line = "Task supportbot.answer[58120934-e84e-4774-b830-10c9ba9cb5bd] received"
+    assert redactor.redact(line) == line
+    assert redactor.redact("id 58120934-E84E-4774-B830-102934567812 done") == "id 58120934-E84E-4774-B830-102934567812 done"
+    # The same digits outside an id, or a number next to one, are still masked.
+    for text in ("call 58120934 now", "task 58120934-e84e-4774-b830-10c9ba9cb5bd for +44 20 7946 0958",
+                 "58120934-e84e-4774 is not a whole id"):
+        out = redactor.redact(text)
+        assert "0958" not in out and ("58120934" not in out or "-b830-" in out), out
+
+
 def test_log_redactor_is_cheap() -> None:
     redactor = StructuredRedactor()
     line = "worker 3 answered message 812 for conversation 77 in 1.23 s " * 10

@@ -24,6 +24,9 @@ NOT_PHONE = re.compile(
     r"^(?:\d{4}[-./]\d{1,2}[-./]\d{1,2}|\d{1,2}[-./]\d{1,2}[-./]\d{2,4}|\d+\.\d+(?:\.\d+)*)$"
 )
 DATE_START = re.compile(r"^\d{4}-\d{1,2}-\d{1,2}\b")
+# A UUID's first group can be eight digits (Celery task ids in every worker log line): an identifier,
+# not a phone number, and an operator needs it whole to follow a task.
+UUID = re.compile(r"(?<![0-9a-f-])[0-9a-f]{8}(?:-[0-9a-f]{4}){3}-[0-9a-f]{12}(?![0-9a-f-])", re.IGNORECASE)
 
 
 def luhn_valid(digits: str) -> bool:
@@ -69,7 +72,10 @@ def find_long_numbers(text: str) -> list[Span]:
     in support chat such a number is almost always someone's phone, card or account.
     """
     found = []
+    uuids = [m.span() for m in UUID.finditer(text)] if "-" in text else []
     for match in LONG_NUMBER.finditer(text):
+        if any(start <= match.start() < end for start, end in uuids):
+            continue
         value = match.group().rstrip(" .-/(")
         digits = re.sub(r"\D", "", value)
         if len(digits) < 7 or NOT_PHONE.match(value) or DATE_START.match(value):
