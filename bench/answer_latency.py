@@ -33,13 +33,7 @@ def read_bandwidth_gbs(size_mb: int = 1024, repeats: int = 5) -> float:
     """Sustained memory read bandwidth with torch's own threads (what decode is bound by)."""
     import torch
 
-    data = torch.ones(size_mb * 1024 * 1024 // 4, dtype=torch.float32)
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        data.sum()
-        best = min(best, time.perf_counter() - start)
-    return data.numel() * 4 / best / 1e9
+    return _read_gbs([torch.ones(size_mb * 1024 * 1024 // 4, dtype=torch.float32)], repeats)
 
 
 def matrix_read_bandwidth_gbs(engine, repeats: int = 5) -> float | None:  # type: ignore[no-untyped-def]
@@ -52,14 +46,19 @@ def matrix_read_bandwidth_gbs(engine, repeats: int = 5) -> float | None:  # type
         return None
     parts = [d for layer in engine.layers for d in (layer.qkv, layer.o, layer.gate_up, layer.down)]
     dtype = torch.float32 if engine.weight_form == "fp32" else torch.float16  # the bytes a step reads
-    matrices = [torch.ones(d.out_features, d.in_features, dtype=dtype) for d in [*parts, engine.head_t]]
+    return _read_gbs([torch.ones(d.out_features, d.in_features, dtype=dtype) for d in [*parts, engine.head_t]],
+                     repeats)  # fmt: skip
+
+
+def _read_gbs(tensors: list, repeats: int) -> float:  # type: ignore[type-arg]
+    """GB/s of reading every tensor once (a sum each), best of ``repeats``."""
     best = float("inf")
     for _ in range(repeats):
         start = time.perf_counter()
-        for m in matrices:
-            m.sum()
+        for tensor in tensors:
+            tensor.sum()
         best = min(best, time.perf_counter() - start)
-    return sum(m.numel() * m.element_size() for m in matrices) / best / 1e9
+    return sum(t.numel() * t.element_size() for t in tensors) / best / 1e9
 
 
 def decode_rate(lm, messages, tokens: int) -> float:  # type: ignore[no-untyped-def]

@@ -80,7 +80,7 @@ class ChatTokenizer:
             self._template = _compile(template)
         except Exception as err:  # e.g. transformers' own {% generation %} tag, which this environment lacks
             raise Unsupported(f"{folder}: the chat template needs transformers: {err}") from err
-        # Special tokens as transformers resolves them: special_tokens_map.json, then tokenizer_config.json.
+        # Special tokens from tokenizer_config.json; one it does not name is taken from special_tokens_map.json.
         try:
             mapped = json.loads((folder / "special_tokens_map.json").read_text(encoding="utf-8"))
         except (OSError, ValueError):

@@ -81,6 +81,17 @@ def test_forward_matches_transformers(lm):
         assert torch.allclose(step, full, atol=tolerance)
 
 
+def _last_token_step(engine, ids: list[int]):  # type: ignore[no-untyped-def]
+    """Prefill all of ``ids`` but the last token in cache row 0, then that token as one one-row decode
+    step: its logits ([1, vocab])."""
+    import torch
+
+    with torch.inference_mode():
+        engine._ensure_capacity(len(ids))
+        engine._forward(torch.tensor([ids[:-1]]), rows=[0], starts=[0], last_only=True)
+        return engine._forward(torch.tensor([ids[-1:]]), rows=[0], starts=[len(ids) - 1], last_only=True)
+
+
 def test_one_row_decode_step_matches_transformers(lm):
     """The step one user at a time gets: one row, attention without a mask, and with bf16 weights the
     fp16 copy kept for one-row steps. Its logits against transformers' forward at the same position."""
@@ -97,10 +108,7 @@ def test_one_row_decode_step_matches_transformers(lm):
     for form, tolerance, row in cases:
         engine = _engine(lm, cpu_weights=form, row_weights=row)
         assert engine.row_form == ("fp16" if form == "bf16" and row == "fp16" else None)  # a copy for bf16 only
-        with torch.inference_mode():
-            engine._ensure_capacity(len(ids))
-            engine._forward(torch.tensor([ids[:-1]]), rows=[0], starts=[0], last_only=True)  # prefill
-            step = engine._forward(torch.tensor([ids[-1:]]), rows=[0], starts=[len(ids) - 1], last_only=True)[0]
+        step = _last_token_step(engine, ids)[0]
         assert torch.allclose(step, reference, atol=tolerance), (form, row, (step - reference).abs().max())
         assert int(step.argmax()) == int(reference.argmax())
 
@@ -134,10 +142,7 @@ def test_a_one_row_step_that_overflows_fp16_is_redone_in_bf16(lm, caplog):
         engine = _engine(lm, cpu_weights="bf16", row_weights=row)
         if row == "fp16":
             engine.layers[3].down.row.fill_(60000.0)  # the copy only: its products overflow, bf16's do not
-        with torch.inference_mode():
-            engine._ensure_capacity(len(ids))
-            engine._forward(torch.tensor([ids[:-1]]), rows=[0], starts=[0], last_only=True)
-            steps.append(engine._forward(torch.tensor([ids[-1:]]), rows=[0], starts=[len(ids) - 1], last_only=True))
+        steps.append(_last_token_step(engine, ids))
         if row == "fp16":
             assert engine.row_form is None and engine.layers[3].down.row is None
             assert "overflowed fp16" in caplog.text
@@ -160,9 +165,7 @@ def test_layers_that_cannot_be_fused_run_as_modules_beside_fused_ones(lm, monkey
     ids = lm.render(build_messages(question=QUESTIONS[3]))
     with torch.inference_mode():
         reference = lm.model(input_ids=torch.tensor([ids])).logits[0, -1]
-        engine._ensure_capacity(len(ids))
-        engine._forward(torch.tensor([ids[:-1]]), rows=[0], starts=[0], last_only=True)
-        step = engine._forward(torch.tensor([ids[-1:]]), rows=[0], starts=[len(ids) - 1], last_only=True)[0]
+    step = _last_token_step(engine, ids)[0]
     assert torch.allclose(step, reference, atol=1e-3), (step - reference).abs().max()
 
 
