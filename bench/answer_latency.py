@@ -61,9 +61,9 @@ def _read_gbs(tensors: list, repeats: int) -> float:  # type: ignore[type-arg]
     return sum(t.numel() * t.element_size() for t in tensors) / best / 1e9
 
 
-def decode_rate(lm, messages, tokens: int) -> float:  # type: ignore[no-untyped-def]
+def decode_rate(lm, messages, tokens: int, rounds: int = 3) -> float:  # type: ignore[no-untyped-def]
     """Decode tokens/s of the engine the workers serve with (same sampling settings), prefill
-    subtracted: time(n tokens) - time(1 token), over n - 1. Best of three."""
+    subtracted: time(n tokens) - time(1 token), over n - 1. Best of ``rounds``."""
     def timed(n: int) -> float:
         t0 = time.perf_counter()
         lm.generate([messages], max_new_tokens=n, min_new_tokens=n)
@@ -71,7 +71,21 @@ def decode_rate(lm, messages, tokens: int) -> float:  # type: ignore[no-untyped-
 
     lm.engine.prefix_slots = 0  # prefill every time, as the subtraction assumes
     timed(2)  # warm-up
-    return max((tokens - 1) / (timed(tokens) - timed(1)) for _ in range(3))
+    return max((tokens - 1) / (timed(tokens) - timed(1)) for _ in range(rounds))
+
+
+def decode_rates(lm, engines: dict, messages, tokens: int, rounds: int = 3) -> dict:  # type: ignore[no-untyped-def]
+    """``decode_rate`` of each engine on ``lm``'s weights, the engines taking turns round by round (the
+    machine's speed drifts within minutes: one after the other, the first measured looked 10 % slower
+    than the same code measured later). Best round of each."""
+    default = lm.engine
+    best: dict = {name: 0.0 for name in engines}
+    for _ in range(rounds):
+        for name, engine in engines.items():
+            lm.engine = engine
+            best[name] = max(best[name], decode_rate(lm, messages, tokens, rounds=1))
+    lm.engine = default
+    return best
 
 
 def hf_decode_rate(lm, messages, tokens: int) -> float:  # type: ignore[no-untyped-def]
@@ -119,32 +133,33 @@ def direct(data_dir: Path, max_new_tokens: int, runs: int) -> dict:  # type: ign
     bandwidth = read_bandwidth_gbs()
     wbytes = lm.engine.weight_bytes()  # what the engine reads per step (its CPU copies: bf16 or fp16 by default)
     bound = bandwidth * 1e9 / wbytes
-    rate = decode_rate(lm, messages, 64)
-    # transformers' own model class for its generate (the worker serves the same weights without it).
-    hf_lm = LanguageModel(settings.model_copy(update={"model_loader": "transformers"}))
-    hf_rate = hf_decode_rate(hf_lm, messages, 64)
-    del hf_lm
-    # The other CPU weight forms this machine runs, on the same weights in the same run (a one-user
-    # decode reads every weight once per token; bf16 wins on batches and prefill, not always here).
-    forms = {}
+    # The other CPU weight forms this machine runs, on the same weights, taking turns with the default
+    # (a one-user decode reads every weight once per token; bf16 wins on batches and prefill, not here).
+    engines = {"default": lm.engine}
     if lm.engine.weight_form is not None:
         from model.engine import Engine, cpu_weight_form
 
-        default_engine = lm.engine
         for form, row in (("bf16", "auto"), ("bf16", "off"), ("fp16", "auto"), ("fp32", "auto")):
             if cpu_weight_form(form) != form:
                 continue
             engine = Engine(lm.model, eos_ids=lm._eos_ids(), sampling=lm.sampling(), cpu_weights=form,
                             row_weights=row)  # fmt: skip
             name = form + (f" + {engine.row_form} one-row copy" if engine.row_form else "")
-            same = (engine.weight_form, engine.row_form) == (default_engine.weight_form, default_engine.row_form)
-            if same or name in forms:
-                continue
-            lm.engine = engine
-            other = decode_rate(lm, messages, 64)
-            other_bound = bandwidth * 1e9 / engine.weight_bytes()
-            forms[name] = {"decode_tokens_per_s": round(other, 1), "decode_share_of_bound": round(other / other_bound, 3)}
-        lm.engine = default_engine
+            same = (engine.weight_form, engine.row_form) == (lm.engine.weight_form, lm.engine.row_form)
+            if not same and name not in engines:
+                engines[name] = engine
+    rates = decode_rates(lm, engines, messages, 64)
+    rate = rates.pop("default")
+    forms = {
+        name: {"decode_tokens_per_s": round(other, 1),
+               "decode_share_of_bound": round(other / (bandwidth * 1e9 / engines[name].weight_bytes()), 3)}
+        for name, other in rates.items()
+    }  # fmt: skip
+    del engines
+    # transformers' own model class for its generate (the worker serves the same weights without it).
+    hf_lm = LanguageModel(settings.model_copy(update={"model_loader": "transformers"}))
+    hf_rate = hf_decode_rate(hf_lm, messages, 64)
+    del hf_lm
 
     return {
         "generate_s_p50": statistics.median(pure),

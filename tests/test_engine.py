@@ -113,6 +113,27 @@ def test_one_row_decode_step_matches_transformers(lm):
         assert int(step.argmax()) == int(reference.argmax())
 
 
+def test_the_one_row_step_computes_what_a_batch_step_does_for_that_row(lm):
+    """One user decoding alone takes its own lean path (``_row_step``: 2-D tensors, no index tensors or
+    mask); the same token as one row of a two-row batch step goes through the batch path. Both give the
+    same logits in each weight form (without the fp16 copy, which only the one-row path has)."""
+    import torch
+
+    ids = lm.render(build_messages(question=QUESTIONS[4]))
+    position = len(ids) - 1
+    for form, _ in _forms():
+        engine = _engine(lm, cpu_weights=form, row_weights="off")
+        with torch.inference_mode():
+            engine._ensure_capacity(len(ids))
+            for row in (0, 1):  # the same prompt in two cache rows
+                engine._forward(torch.tensor([ids[:-1]]), rows=[row], starts=[0], last_only=True)
+            batch = engine._forward(torch.tensor([ids[-1:]] * 2), rows=[0, 1], starts=[position] * 2, last_only=True)
+            alone = engine._forward(torch.tensor([ids[-1:]]), rows=[0], starts=[position], last_only=True)
+        assert alone.shape == (1, batch.shape[-1])
+        assert torch.allclose(alone[0], batch[0], atol=1e-4), (form, (alone[0] - batch[0]).abs().max())  # 0-5e-5 seen
+        assert int(alone[0].argmax()) == int(batch[0].argmax())
+
+
 def test_one_row_copy_is_kept_where_memory_allows(lm, monkeypatch):
     from model import engine as engine_module
     from model.engine import bf16_kernels_available
