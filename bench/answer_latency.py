@@ -80,11 +80,13 @@ def decode_rates(lm, engines: dict, messages, tokens: int, rounds: int = 3) -> d
     than the same code measured later). Best round of each."""
     default = lm.engine
     best: dict = {name: 0.0 for name in engines}
-    for _ in range(rounds):
-        for name, engine in engines.items():
-            lm.engine = engine
-            best[name] = max(best[name], decode_rate(lm, messages, tokens, rounds=1))
-    lm.engine = default
+    try:
+        for _ in range(rounds):
+            for name, engine in engines.items():
+                lm.engine = engine
+                best[name] = max(best[name], decode_rate(lm, messages, tokens, rounds=1))
+    finally:
+        lm.engine = default
     return best
 
 
@@ -103,6 +105,23 @@ def hf_decode_rate(lm, messages, tokens: int) -> float:  # type: ignore[no-untyp
     with torch.inference_mode():
         timed(2)  # warm-up
         return max((tokens - 1) / (timed(tokens) - timed(1)) for _ in range(3))
+
+
+def other_forms(lm) -> dict:  # type: ignore[no-untyped-def]
+    """Engines for the CPU weight forms this machine runs other than ``lm``'s own, on its weights."""
+    if lm.engine.weight_form is None:
+        return {}
+    from model.engine import Engine, cpu_weight_form
+
+    engines: dict = {}
+    for form, row in (("bf16", "auto"), ("bf16", "off"), ("fp16", "auto"), ("fp32", "auto")):
+        if cpu_weight_form(form) != form:
+            continue
+        engine = Engine(lm.model, eos_ids=lm._eos_ids(), sampling=lm.sampling(), cpu_weights=form, row_weights=row)
+        name = form + (f" + {engine.row_form} one-row copy" if engine.row_form else "")
+        if (engine.weight_form, engine.row_form) != (lm.engine.weight_form, lm.engine.row_form):
+            engines.setdefault(name, engine)
+    return engines
 
 
 def direct(data_dir: Path, max_new_tokens: int, runs: int) -> dict:  # type: ignore[type-arg]
@@ -135,19 +154,7 @@ def direct(data_dir: Path, max_new_tokens: int, runs: int) -> dict:  # type: ign
     bound = bandwidth * 1e9 / wbytes
     # The other CPU weight forms this machine runs, on the same weights, taking turns with the default
     # (a one-user decode reads every weight once per token; bf16 wins on batches and prefill, not here).
-    engines = {"default": lm.engine}
-    if lm.engine.weight_form is not None:
-        from model.engine import Engine, cpu_weight_form
-
-        for form, row in (("bf16", "auto"), ("bf16", "off"), ("fp16", "auto"), ("fp32", "auto")):
-            if cpu_weight_form(form) != form:
-                continue
-            engine = Engine(lm.model, eos_ids=lm._eos_ids(), sampling=lm.sampling(), cpu_weights=form,
-                            row_weights=row)  # fmt: skip
-            name = form + (f" + {engine.row_form} one-row copy" if engine.row_form else "")
-            same = (engine.weight_form, engine.row_form) == (lm.engine.weight_form, lm.engine.row_form)
-            if not same and name not in engines:
-                engines[name] = engine
+    engines = {"default": lm.engine, **other_forms(lm)}
     rates = decode_rates(lm, engines, messages, 64)
     rate = rates.pop("default")
     forms = {
@@ -155,7 +162,7 @@ def direct(data_dir: Path, max_new_tokens: int, runs: int) -> dict:  # type: ign
                "decode_share_of_bound": round(other / (bandwidth * 1e9 / engines[name].weight_bytes()), 3)}
         for name, other in rates.items()
     }  # fmt: skip
-    del engines
+    del engines  # before transformers' copy of the model loads
     # transformers' own model class for its generate (the worker serves the same weights without it).
     hf_lm = LanguageModel(settings.model_copy(update={"model_loader": "transformers"}))
     hf_rate = hf_decode_rate(hf_lm, messages, 64)

@@ -689,8 +689,10 @@ class Engine:
         if last_only:
             hidden = hidden[:, -1]
         hidden = F.rms_norm(hidden, (hidden.shape[-1],), self.norm, self.norm_eps)
-        logits = self.head_t(hidden) if self.head_t is not None else self.head(hidden)
-        return logits.float()
+        logits = (self.head_t(hidden) if self.head_t is not None else self.head(hidden)).float()
+        if batch * t == 1 and self._overflowed(logits):  # one row beside unfused layers: the copy served it
+            return self._forward(ids, rows=rows, starts=starts, last_only=last_only)
+        return logits
 
     def _row_step(self, ids: torch.Tensor, row: int, start: int) -> torch.Tensor:
         """``_forward`` for one token of one row, every layer fused: one user decoding alone, the usual
@@ -712,20 +714,27 @@ class Engine:
                 qk[:heads].view(1, kv_heads, heads // kv_heads, head_dim), keys[row : row + 1, :, :width],
                 values[row : row + 1, :, :width], scale=self.scaling,
             )  # fmt: skip
-            hidden = hidden + layer.o.product(attn.view(1, q_size))  # type: ignore[union-attr]
+            hidden = hidden + layer.o.product(attn.reshape(1, q_size))  # type: ignore[union-attr]
             gate_up = layer.gate_up.product(_rms_norm(hidden, layer.norm2, layer.eps))  # type: ignore[union-attr]
             half = gate_up.shape[-1] // 2
             hidden = hidden + layer.down.product(layer.act(gate_up[:, :half]) * gate_up[:, half:])  # type: ignore[union-attr]
         hidden = _rms_norm(hidden, self.norm, self.norm_eps)
         logits = (self.head_t.product(hidden) if self.head_t is not None else self.head(hidden)).float()
-        # One sum in fp32 is not finite when any logit is not (a tenth of isfinite().all()'s time).
-        if self.row_form is not None and not math.isfinite(float(logits.sum())):
-            # The fp16 copy's range (65,504) was too small for this model's activations: the step is
-            # redone in bf16 (it rewrites the same cache slots) and the copy is dropped for good.
-            log.warning("a one-row step overflowed fp16: the engine drops its fp16 copy and serves in bf16")
-            self._drop_row_copy()
+        if self._overflowed(logits):
             return self._row_step(ids, row, start)
         return logits
+
+    def _overflowed(self, logits: torch.Tensor) -> bool:
+        """Whether a one-row step the fp16 copy served gave logits that are not finite: the copy's range
+        (65,504) was too small for this model's activations. Then the copy is dropped for good, and the
+        caller redoes the step in bf16 (it rewrites the same cache slots)."""
+        # One sum in fp32 is not finite when any logit is not (a tenth of isfinite().all()'s time); fp16
+        # logits are at most 65,504 each, so finite ones cannot sum past fp32's range.
+        if self.row_form is None or math.isfinite(float(logits.sum())):
+            return False
+        log.warning("a one-row step overflowed fp16: the engine drops its fp16 copy and serves in bf16")
+        self._drop_row_copy()
+        return True
 
     def _drop_row_copy(self) -> None:
         for layer in self.layers:

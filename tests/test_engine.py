@@ -116,22 +116,34 @@ def test_one_row_decode_step_matches_transformers(lm):
 def test_the_one_row_step_computes_what_a_batch_step_does_for_that_row(lm):
     """One user decoding alone takes its own lean path (``_row_step``: 2-D tensors, no index tensors or
     mask); the same token as one row of a two-row batch step goes through the batch path. Both give the
-    same logits in each weight form (without the fp16 copy, which only the one-row path has)."""
+    same logits in each weight form. The fp16 copy serves one-row steps only: with it, the lean path is
+    checked against the batch path's code run for one row (as beside a layer that cannot be fused)."""
     import torch
+
+    from model.engine import bf16_kernels_available
 
     ids = lm.render(build_messages(question=QUESTIONS[4]))
     position = len(ids) - 1
-    for form, _ in _forms():
-        engine = _engine(lm, cpu_weights=form, row_weights="off")
+    cases = [(form, "off") for form, _ in _forms()]
+    if bf16_kernels_available():
+        cases.append(("bf16", "fp16"))
+    for form, row in cases:
+        engine = _engine(lm, cpu_weights=form, row_weights=row)
+        assert not engine._any_unfused  # every layer fused: a one-row step takes _row_step
         with torch.inference_mode():
             engine._ensure_capacity(len(ids))
-            for row in (0, 1):  # the same prompt in two cache rows
-                engine._forward(torch.tensor([ids[:-1]]), rows=[row], starts=[0], last_only=True)
-            batch = engine._forward(torch.tensor([ids[-1:]] * 2), rows=[0, 1], starts=[position] * 2, last_only=True)
+            for cache_row in (0, 1):  # the same prompt in two cache rows
+                engine._forward(torch.tensor([ids[:-1]]), rows=[cache_row], starts=[0], last_only=True)
             alone = engine._forward(torch.tensor([ids[-1:]]), rows=[0], starts=[position], last_only=True)
-        assert alone.shape == (1, batch.shape[-1])
-        assert torch.allclose(alone[0], batch[0], atol=1e-4), (form, (alone[0] - batch[0]).abs().max())  # 0-5e-5 seen
-        assert int(alone[0].argmax()) == int(batch[0].argmax())
+            if row == "off":
+                other = engine._forward(torch.tensor([ids[-1:]] * 2), rows=[0, 1], starts=[position] * 2,
+                                        last_only=True)[:1]  # fmt: skip
+            else:
+                engine._any_unfused = True  # the batch path's code, for one row
+                other = engine._forward(torch.tensor([ids[-1:]]), rows=[0], starts=[position], last_only=True)
+        assert alone.shape == other.shape == (1, engine.vocab)
+        assert torch.allclose(alone, other, atol=1e-4), (form, row, (alone - other).abs().max())  # 0-5e-5 seen
+        assert int(alone.argmax()) == int(other.argmax())
 
 
 def test_one_row_copy_is_kept_where_memory_allows(lm, monkeypatch):
@@ -158,17 +170,19 @@ def test_a_one_row_step_that_overflows_fp16_is_redone_in_bf16(lm, caplog):
     if not bf16_kernels_available():
         pytest.skip("this CPU has no native bf16 kernels: the fp16 one-row copy is made for the bf16 form only")
     ids = lm.render(build_messages(question=QUESTIONS[1]))
-    steps = []
-    for row in ("fp16", "off"):
-        engine = _engine(lm, cpu_weights="bf16", row_weights=row)
-        if row == "fp16":
-            engine.layers[3].down.row.fill_(60000.0)  # the copy only: its products overflow, bf16's do not
-        steps.append(_last_token_step(engine, ids))
-        if row == "fp16":
-            assert engine.row_form is None and engine.layers[3].down.row is None
-            assert "overflowed fp16" in caplog.text
-    assert torch.isfinite(steps[0]).all()
-    assert torch.equal(steps[0], steps[1])  # the same bf16 step, over the same cache
+    plain = _last_token_step(_engine(lm, cpu_weights="bf16", row_weights="off"), ids)
+    # The lean one-row path, and the batch path's code for one row (a model with a layer that cannot be
+    # fused): the copy serves both.
+    for unfused in (False, True):
+        caplog.clear()
+        engine = _engine(lm, cpu_weights="bf16", row_weights="fp16")
+        engine._any_unfused = unfused
+        engine.layers[3].down.row.fill_(60000.0)  # the copy only: its products overflow, bf16's do not
+        step = _last_token_step(engine, ids)
+        assert engine.row_form is None and engine.layers[3].down.row is None
+        assert "overflowed fp16" in caplog.text
+        assert torch.isfinite(step).all()
+        assert torch.equal(step, plain), (unfused, (step - plain).abs().max())  # the same bf16 step, same cache
 
 
 def test_layers_that_cannot_be_fused_run_as_modules_beside_fused_ones(lm, monkeypatch):
