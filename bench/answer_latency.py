@@ -3,7 +3,7 @@
   python -m bench.answer_latency [--runs 5] [--max-new-tokens 64] [--json]
 
 1. end-to-end `ask` latency (console adapter -> intake -> SQL -> broker -> worker process -> SQL -> reply)
-   over a pure `model.generate` of the same prompt in a fresh process (goal <= 1.15);
+   over a pure `model.generate` of the same prompt in a fresh process, the two taking turns (goal <= 1.15);
 2. decode tokens/s of the engine as a share of the weight-bandwidth bound (memory read bandwidth measured
    here, divided by the bytes of weights each decode step reads) (goal >= 60%), and against transformers'
    own ``generate`` on the same weights in the same run;
@@ -27,6 +27,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 QUESTION = "Our printer keeps jamming on every page and shows error E-502. What should I do?"
 FIXTURE = Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "spine_tickets.jsonl"
+_PROTOCOL = "bench-answer-latency: "  # opens the baseline process's answers on its stdout
 
 
 def read_bandwidth_gbs(size_mb: int = 1024, repeats: int = 5) -> float:
@@ -124,10 +125,11 @@ def other_forms(lm) -> dict:  # type: ignore[no-untyped-def]
     return engines
 
 
-def direct(data_dir: Path, max_new_tokens: int, runs: int) -> dict:  # type: ignore[type-arg]
-    """Sections 1 and 2, in a fresh process: the worker-side path alone. In the parent, the console's
-    anonymizer (its name model has a torch thread of its own) slowed the engine by a third, which
-    flattered the end-to-end ratio."""
+def direct(data_dir: Path, max_new_tokens: int) -> None:
+    """The baseline's process, fresh and apart from the console: the worker-side path alone (in the
+    parent, the console's anonymizer, whose name model has a torch thread of its own, slowed the engine
+    by a third, which flattered the end-to-end ratio). It answers the parent on stdin and stdout:
+    ``generate`` times one generation of the worker's prompt, ``rates`` measures section 2 and ends."""
     from core.db import Database
     from core.settings import load_settings
     from model.prompt import build_messages
@@ -142,25 +144,51 @@ def direct(data_dir: Path, max_new_tokens: int, runs: int) -> dict:  # type: ign
     hits = prompt_tickets(index.search(QUESTION, k=settings.retrieval_k), settings.min_confidence)
     messages = build_messages(question=QUESTION, tickets=hits)  # the prompt the worker builds
     lm.generate([messages])  # warm-up
-    pure = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        generation = lm.generate([messages])[0]
-        pure.append(time.perf_counter() - t0)
+    _say("ready")
+    for line in sys.stdin:
+        if line.strip() == "generate":
+            t0 = time.perf_counter()
+            generation = lm.generate([messages])[0]
+            _say(json.dumps({"seconds": time.perf_counter() - t0, "new_tokens": generation.new_tokens}))
+        elif line.strip() == "rates":
+            _say(json.dumps(rates(settings, lm, messages)))
+            return
 
-    # 2. decode rate against the bandwidth bound
+
+def _say(line: str) -> None:
+    print(f"{_PROTOCOL}{line}", flush=True)
+
+
+def _hear(child: subprocess.Popen) -> str:  # type: ignore[type-arg]
+    """The child's next protocol line (other output on its stdout is skipped)."""
+    for line in child.stdout:  # type: ignore[union-attr]
+        if line.startswith(_PROTOCOL):
+            return line[len(_PROTOCOL) :].strip()
+    raise RuntimeError(f"the baseline process ended (exit {child.wait()}); see its stderr above")
+
+
+def _ask(child: subprocess.Popen, command: str) -> str:  # type: ignore[type-arg]
+    child.stdin.write(command + "\n")  # type: ignore[union-attr]
+    child.stdin.flush()  # type: ignore[union-attr]
+    return _hear(child)
+
+
+def rates(settings, lm, messages) -> dict:  # type: ignore[no-untyped-def,type-arg]
+    """Section 2: decode rates against the bandwidth bound and against transformers' generate."""
+    from model.runtime import LanguageModel
+
     bandwidth = read_bandwidth_gbs()
     wbytes = lm.engine.weight_bytes()  # what the engine reads per step (its CPU copies: bf16 or fp16 by default)
     bound = bandwidth * 1e9 / wbytes
     # The other CPU weight forms this machine runs, on the same weights, taking turns with the default
     # (a one-user decode reads every weight once per token; bf16 wins on batches and prefill, not here).
     engines = {"default": lm.engine, **other_forms(lm)}
-    rates = decode_rates(lm, engines, messages, 64)
-    rate = rates.pop("default")
+    measured = decode_rates(lm, engines, messages, 64)
+    rate = measured.pop("default")
     forms = {
         name: {"decode_tokens_per_s": round(other, 1),
                "decode_share_of_bound": round(other / (bandwidth * 1e9 / engines[name].weight_bytes()), 3)}
-        for name, other in rates.items()
+        for name, other in measured.items()
     }  # fmt: skip
     del engines  # before transformers' copy of the model loads
     # transformers' own model class for its generate (the worker serves the same weights without it).
@@ -169,8 +197,6 @@ def direct(data_dir: Path, max_new_tokens: int, runs: int) -> dict:  # type: ign
     del hf_lm
 
     return {
-        "generate_s_p50": statistics.median(pure),
-        "new_tokens": generation.new_tokens,
         "rate": rate,
         "hf_rate": hf_rate,
         "bandwidth": bandwidth,
@@ -191,7 +217,7 @@ def main() -> None:
     parser.add_argument("--direct", type=Path, help=argparse.SUPPRESS)  # the child process: a data dir
     args = parser.parse_args()
     if args.direct:
-        print(json.dumps(direct(args.direct, args.max_new_tokens, args.runs)))
+        direct(args.direct, args.max_new_tokens)
         return
 
     from bot.cli import make_intake
@@ -215,37 +241,46 @@ def main() -> None:
     worker.wait_ready(db)
     cold_start_s = time.perf_counter() - started
 
+    # 1: each ask through the worker, then the same prompt generated directly (the baseline) in a fresh
+    # process, taking turns: the machine's speed drifts within minutes, and one phase after the other
+    # put that drift into the ratio (1.06 to 1.40 over six runs of the same code).
+    child = subprocess.Popen(
+        [sys.executable, "-m", "bench.answer_latency", "--direct", str(settings.data_dir),
+         "--max-new-tokens", str(args.max_new_tokens)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
     try:
+        _hear(child)  # ready: loaded and warmed up
         intake = make_intake(settings, db)
         Console(settings=settings, db=db, intake=intake).ask(QUESTION)  # warm-up
-        e2e, stored = [], []
+        e2e, stored, pure = [], [], []
         for _ in range(args.runs):
-            # A new conversation each time: in one thread earlier turns would lengthen the prompt,
-            # and the baseline below generates for the question alone.
+            # A new conversation each time: in one thread earlier turns would lengthen the prompt, and
+            # the baseline generates for the question alone.
             console = Console(settings=settings, db=db, intake=intake)
             t0 = time.perf_counter()
             reply = console.ask(QUESTION)
             e2e.append(time.perf_counter() - t0)
             stored.append((reply.latency_ms or 0) / 1000.0)
+            generation = json.loads(_ask(child, "generate"))
+            pure.append(generation["seconds"])
+        worker.stop()
+        # 2: decode rates, in the same fresh process, with the worker gone
+        d = json.loads(_ask(child, "rates"))
+        child.wait(timeout=60)
     finally:
         worker.stop()
-
-    # 1 and 2: the same prompt generated directly (the baseline), and decode rates, in a fresh process
-    child = subprocess.run(
-        [sys.executable, "-m", "bench.answer_latency", "--direct", str(settings.data_dir),
-         "--max-new-tokens", str(args.max_new_tokens), "--runs", str(args.runs)],
-        capture_output=True, text=True, check=True, timeout=1800,
-    )  # fmt: skip
-    d = json.loads(child.stdout.strip().splitlines()[-1])
+        if child.poll() is None:
+            child.kill()
     rate, hf_rate, bandwidth, wbytes, bound = d["rate"], d["hf_rate"], d["bandwidth"], d["wbytes"], d["bound"]
 
     result = {
         "e2e_ask_s_p50": round(statistics.median(e2e), 3),
-        "generate_s_p50": round(d["generate_s_p50"], 3),
+        "generate_s_p50": round(statistics.median(pure), 3),
         # question stored -> answer stored, as the worker saw it (the rest is intake and the reply poll)
         "stored_to_answered_s_p50": round(statistics.median(stored), 3),
-        "e2e_over_generate": round(statistics.median(e2e) / d["generate_s_p50"], 3),
-        "new_tokens": d["new_tokens"],
+        "e2e_over_generate": round(statistics.median(e2e) / statistics.median(pure), 3),
+        "new_tokens": generation["new_tokens"],
         "reply_sources": reply.sources,
         "decode_tokens_per_s": round(rate, 1),
         "read_bandwidth_gbs": round(bandwidth, 2),
