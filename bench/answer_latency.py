@@ -15,11 +15,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -159,18 +161,59 @@ def _say(line: str) -> None:
     print(f"{_PROTOCOL}{line}", flush=True)
 
 
-def _hear(child: subprocess.Popen) -> str:  # type: ignore[type-arg]
-    """The child's next protocol line (other output on its stdout is skipped)."""
-    for line in child.stdout:  # type: ignore[union-attr]
-        if line.startswith(_PROTOCOL):
-            return line[len(_PROTOCOL) :].strip()
-    raise RuntimeError(f"the baseline process ended (exit {child.wait()}); see its stderr above")
+class _Baseline:
+    """The parent's side of the baseline process: commands on its stdin, answers read from its stdout
+    with a deadline (a stuck child must not hang the bench, nor leave the worker running)."""
+
+    def __init__(self, command: list[str]) -> None:
+        self.proc = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        self._buffer = b""
+
+    def hear(self, timeout_s: float = 1800.0) -> str:
+        """The child's next protocol line (other output on its stdout is skipped)."""
+        import selectors
+
+        deadline = time.monotonic() + timeout_s
+        with selectors.DefaultSelector() as selector:
+            selector.register(self.proc.stdout, selectors.EVENT_READ)  # type: ignore[arg-type]
+            while True:
+                while b"\n" in self._buffer:
+                    line, self._buffer = self._buffer.split(b"\n", 1)
+                    text = line.decode("utf-8", errors="replace")
+                    if _PROTOCOL in text:  # a print without a newline before it may lead the line
+                        return text.split(_PROTOCOL, 1)[1].strip()
+                left = deadline - time.monotonic()
+                if left <= 0 or not selector.select(left):
+                    raise TimeoutError(f"the baseline process said nothing for {timeout_s:g} s")
+                chunk = os.read(self.proc.stdout.fileno(), 65536)  # type: ignore[union-attr]
+                if not chunk:
+                    raise RuntimeError(f"the baseline process ended (exit {self.proc.wait()}); see its stderr above")
+                self._buffer += chunk
+
+    def ask(self, command: str) -> str:
+        self.proc.stdin.write(command.encode() + b"\n")  # type: ignore[union-attr]
+        self.proc.stdin.flush()  # type: ignore[union-attr]
+        return self.hear()
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
 
 
-def _ask(child: subprocess.Popen, command: str) -> str:  # type: ignore[type-arg]
-    child.stdin.write(command + "\n")  # type: ignore[union-attr]
-    child.stdin.flush()  # type: ignore[union-attr]
-    return _hear(child)
+@contextmanager
+def _paused(proc: subprocess.Popen):  # type: ignore[type-arg]
+    """The worker process stopped (SIGSTOP) while the baseline generates: idle, it still polls its
+    broker every 50 ms and beats its heartbeat, time the baseline would otherwise lose on 2 cores."""
+    stop = getattr(signal, "SIGSTOP", None)
+    if stop is None or proc.poll() is not None:  # no job control here: measure as it is
+        yield
+        return
+    os.kill(proc.pid, stop)
+    try:
+        yield
+    finally:
+        os.kill(proc.pid, signal.SIGCONT)
 
 
 def rates(settings, lm, messages) -> dict:  # type: ignore[no-untyped-def,type-arg]
@@ -244,13 +287,10 @@ def main() -> None:
     # 1: each ask through the worker, then the same prompt generated directly (the baseline) in a fresh
     # process, taking turns: the machine's speed drifts within minutes, and one phase after the other
     # put that drift into the ratio (1.06 to 1.40 over six runs of the same code).
-    child = subprocess.Popen(
-        [sys.executable, "-m", "bench.answer_latency", "--direct", str(settings.data_dir),
-         "--max-new-tokens", str(args.max_new_tokens)],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-    )  # fmt: skip
+    baseline = _Baseline([sys.executable, "-m", "bench.answer_latency", "--direct", str(settings.data_dir),
+                          "--max-new-tokens", str(args.max_new_tokens)])  # fmt: skip
     try:
-        _hear(child)  # ready: loaded and warmed up
+        baseline.hear()  # ready: loaded and warmed up
         intake = make_intake(settings, db)
         Console(settings=settings, db=db, intake=intake).ask(QUESTION)  # warm-up
         e2e, stored, pure = [], [], []
@@ -262,16 +302,15 @@ def main() -> None:
             reply = console.ask(QUESTION)
             e2e.append(time.perf_counter() - t0)
             stored.append((reply.latency_ms or 0) / 1000.0)
-            generation = json.loads(_ask(child, "generate"))
+            with _paused(worker.proc):
+                generation = json.loads(baseline.ask("generate"))
             pure.append(generation["seconds"])
         worker.stop()
         # 2: decode rates, in the same fresh process, with the worker gone
-        d = json.loads(_ask(child, "rates"))
-        child.wait(timeout=60)
+        d = json.loads(baseline.ask("rates"))
     finally:
         worker.stop()
-        if child.poll() is None:
-            child.kill()
+        baseline.close()
     rate, hf_rate, bandwidth, wbytes, bound = d["rate"], d["hf_rate"], d["bandwidth"], d["wbytes"], d["bound"]
 
     result = {

@@ -74,7 +74,10 @@ class Request:
     started: float = field(default_factory=time.monotonic)
     finished: float | None = None
     _prefilled: int = 0
-    _seen: torch.Tensor | None = None  # vocabulary mask of tokens already in the text (repetition penalty)
+    # The tokens already in the text, once each (the repetition penalty): as a set, and as the index
+    # tensor the penalty gathers with, rebuilt only when a new token joins.
+    _seen: set[int] = field(default_factory=set)
+    _seen_index: torch.Tensor | None = None
     _ngrams: dict[tuple[int, ...], set[int]] = field(default_factory=dict)
     _tail: tuple[int, ...] = ()  # the last n-1 tokens: the start of the n-gram the next token completes
 
@@ -350,8 +353,8 @@ class Engine:
     def add(self, request: Request) -> None:
         if not request.ids:
             raise ValueError("empty prompt")
-        request._seen = torch.zeros(self.vocab, dtype=torch.bool, device=self.device)
-        request._seen[torch.tensor(request.ids, device=self.device)] = True
+        request._seen = set(request.ids)
+        request._seen_index = None
         n = self.sampling.no_repeat_ngram_size
         if n > 0:
             for i in range(len(request.ids) - n + 1):
@@ -752,9 +755,14 @@ class Engine:
         s = self.sampling
         own = torch.log_softmax(logits, -1)  # the model's belief, before the loop guards change it
         if s.repetition_penalty != 1.0:
-            seen = torch.stack([r._seen for r in rows])  # type: ignore[misc]
-            penalized = torch.where(logits < 0, logits * s.repetition_penalty, logits / s.repetition_penalty)
-            logits = torch.where(seen[:, : logits.shape[-1]], penalized, logits)
+            # Only the tokens already in the text change (gather, scale, scatter back, as transformers'
+            # RepetitionPenaltyLogitsProcessor does): a few hundred values, not the whole vocabulary.
+            for i, r in enumerate(rows):
+                if r._seen_index is None:
+                    r._seen_index = torch.tensor(sorted(r._seen), dtype=torch.long, device=logits.device)
+                values = logits[i].index_select(0, r._seen_index)
+                penalized = torch.where(values < 0, values * s.repetition_penalty, values / s.repetition_penalty)
+                logits[i].index_copy_(0, r._seen_index, penalized)
         n = s.no_repeat_ngram_size
         for i, r in enumerate(rows):
             if n > 0:
@@ -778,8 +786,9 @@ class Engine:
 
     def _note(self, r: Request, token: int) -> None:
         """Remember a new token for the penalty and the n-gram ban of the following steps."""
-        if r._seen is not None:
-            r._seen[token] = True
+        if token not in r._seen:
+            r._seen.add(token)
+            r._seen_index = None
         n = self.sampling.no_repeat_ngram_size
         if n > 0:
             r._ngrams.setdefault(r._tail, set()).add(token)
