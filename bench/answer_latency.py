@@ -45,7 +45,7 @@ def matrix_read_bandwidth_gbs(engine, repeats: int = 5) -> float | None:  # type
     reported beside the 1 GiB figure the bound is made of. None where the weights are not fused."""
     import torch
 
-    if engine.head_t is None or any(layer.qkv is None for layer in engine.layers):
+    if engine.head_t is None or engine._any_unfused:
         return None
     parts = [d for layer in engine.layers for d in (layer.qkv, layer.o, layer.gate_up, layer.down)]
     dtype = torch.float32 if engine.weight_form == "fp32" else torch.float16  # the bytes a step reads

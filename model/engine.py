@@ -323,7 +323,6 @@ class Engine:
             head = _dense_weight(inner.lm_head) if fuse else None
             self.head_t = _Dense(head, form=form, row_copy=row_copy) if head is not None else None
             self.head = inner.lm_head
-        self.vocab = int(self.head.weight.shape[0]) if hasattr(self.head, "weight") else config.vocab_size
         self.scaling = self.head_dim**-0.5
         rotary = core.rotary_emb
         self.inv_freq = rotary.inv_freq.to(self.device, torch.float32)

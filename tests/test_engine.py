@@ -141,7 +141,7 @@ def test_the_one_row_step_computes_what_a_batch_step_does_for_that_row(lm):
             else:
                 engine._any_unfused = True  # the batch path's code, for one row
                 other = engine._forward(torch.tensor([ids[-1:]]), rows=[0], starts=[position], last_only=True)
-        assert alone.shape == other.shape == (1, engine.vocab)
+        assert alone.shape == other.shape == (1, lm.model.config.vocab_size)
         assert torch.allclose(alone, other, atol=1e-4), (form, row, (alone - other).abs().max())  # 0-5e-5 seen
         assert int(alone.argmax()) == int(other.argmax())
 
