@@ -35,6 +35,8 @@ run: install
 	else $(VENV)/bin/supportbot chat; fi
 
 test: install
+	@# As `make run` does: the suite's models then run the step production runs (the compiled one-row layer).
+	$(VENV)/bin/supportbot model prepare
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
 
 lint: install

@@ -111,18 +111,24 @@ def hf_decode_rate(lm, messages, tokens: int) -> float:  # type: ignore[no-untyp
 
 
 def other_forms(lm) -> dict:  # type: ignore[no-untyped-def]
-    """Engines for the CPU weight forms this machine runs other than ``lm``'s own, on its weights."""
+    """Engines for the CPU weight forms and one-row steps (compiled or eager) this machine runs other than
+    ``lm``'s own, on its weights."""
     if lm.engine.weight_form is None:
         return {}
     from model.engine import Engine, cpu_weight_form
 
+    def key(engine) -> tuple:  # type: ignore[no-untyped-def,type-arg]
+        return engine.weight_form, engine.row_form, engine.step_form
+
     engines: dict = {}
-    for form, row in (("bf16", "auto"), ("bf16", "off"), ("fp16", "auto"), ("fp32", "auto")):
+    for form, row, compiled in (("bf16", "auto", True), ("bf16", "auto", False), ("bf16", "off", False),
+                                ("fp16", "auto", False), ("fp32", "auto", False)):  # fmt: skip
         if cpu_weight_form(form) != form:
             continue
-        engine = Engine(lm.model, eos_ids=lm._eos_ids(), sampling=lm.sampling(), cpu_weights=form, row_weights=row)
-        name = form + (f" + {engine.row_form} one-row copy" if engine.row_form else "")
-        if (engine.weight_form, engine.row_form) != (lm.engine.weight_form, lm.engine.row_form):
+        engine = Engine(lm.model, eos_ids=lm._eos_ids(), sampling=lm.sampling(), cpu_weights=form, row_weights=row,
+                        compiled_dir=lm.engine.compiled_dir if compiled else None)  # fmt: skip
+        name = form + (f" + {engine.row_form} one-row copy, {engine.step_form} step" if engine.row_form else "")
+        if key(engine) != key(lm.engine):
             engines.setdefault(name, engine)
     return engines
 
@@ -247,6 +253,7 @@ def rates(settings, lm, messages) -> dict:  # type: ignore[no-untyped-def,type-a
         "bound": bound,
         "weight_format": lm.engine.weight_form,
         "row_format": lm.engine.row_form,
+        "step_form": lm.engine.step_form,
         "matrix_bandwidth": matrix_read_bandwidth_gbs(lm.engine),
         "forms": forms,
     }
@@ -326,6 +333,7 @@ def main() -> None:
         "weight_mb": round(wbytes / 1e6, 1),
         "weight_format": d["weight_format"],
         "one_row_format": d["row_format"],  # bf16 keeps an fp16 copy for one-row steps where memory allows
+        "one_row_step": d["step_form"],  # compiled where `model prepare` built the layer (model/compiled.py)
         # the same bytes read one matrix at a time (each read restarts the threads): a practical ceiling
         "matrix_read_bandwidth_gbs": d["matrix_bandwidth"] and round(d["matrix_bandwidth"], 2),
         "bandwidth_bound_tokens_per_s": round(bound, 1),

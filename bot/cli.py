@@ -139,6 +139,9 @@ def cmd_model_prepare(args: argparse.Namespace, settings: Settings) -> int:
 
     path = resolve_base(settings)
     print(f"base model ready: {path}")
+    from model.compiled import prepare_for
+
+    print(prepare_for(settings, path))
     return 0
 
 
@@ -260,7 +263,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("action", choices=["upgrade", "downgrade"])
     p.add_argument("--revision", default=None, help="target revision (upgrade: head, downgrade: -1)")
 
-    p = add(groups, "root", "model", cmd_model_prepare, "prepare the base model (convert the embedded GGUF once)")
+    p = add(groups, "root", "model", cmd_model_prepare, "prepare the base model (convert the embedded GGUF once, compile the one-row decode layer)")
     p.add_argument("action", choices=["prepare"])
 
     p = add(groups, "root", "worker", cmd_worker, "start a Celery worker")

@@ -92,6 +92,11 @@ class Settings(BaseSettings):
         description="With bf16 weights, a second fp16 copy for one-row decode steps (one user at a time: 1.4x "
         "faster); auto keeps it where it takes at most 1/16 of the memory",
     )
+    cpu_compiled_step: Literal["auto", "off"] = Field(
+        "auto",
+        description="One-row decode steps (with the fp16 copy) through the layer `supportbot model prepare` "
+        "compiles for this model and CPU; auto uses it where it was built, off always runs them eagerly",
+    )
     prefill_chunk: int = Field(
         128, ge=8, description="Prompt tokens prefilled per engine step, so a long prompt never stalls running answers"
     )
@@ -261,6 +266,11 @@ class Settings(BaseSettings):
     @property
     def model_cache_dir(self) -> Path:
         return (self.model_cache or Path.home() / ".cache" / "supportbot").expanduser().resolve()
+
+    @property
+    def compiled_dir(self) -> Path:
+        """Where `model prepare` keeps the compiled one-row decode layer (model/compiled.py)."""
+        return self.model_cache_dir / "compiled"
 
     @property
     def index_dir(self) -> Path:

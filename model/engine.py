@@ -271,6 +271,7 @@ class Engine:
         prefill_chunk: int = 128,
         prefix_cache: int = 8,
         min_prefix: int = 16,
+        compiled_dir: Path | None = None,
     ) -> None:
         self.model = model
         self.eos_ids = eos_ids
@@ -281,6 +282,7 @@ class Engine:
         self.prefill_chunk = prefill_chunk
         self.prefix_slots = prefix_cache
         self.min_prefix = min_prefix
+        self.compiled_dir = compiled_dir  # where `model prepare` keeps the compiled one-row layer
         self.running: list[Request] = []
         self.waiting: list[Request] = []
         self.prefix_hits = 0
@@ -333,6 +335,26 @@ class Engine:
         self._values: list[torch.Tensor] = []
         self._prefixes.clear()
         self._last_ids = []
+        self._compiled = self._compiled_layer(config)
+
+    def _compiled_layer(self, config: Any) -> Callable[[list[torch.Tensor]], list[torch.Tensor]] | None:
+        """The compiled one-row layer (model/compiled.py) where it applies: the fp16 copy serves one-row
+        steps, every layer is fused, and ``model prepare`` built it for these layers."""
+        if self.compiled_dir is None or self.row_form != "fp16" or self._any_unfused:
+            return None
+        from model import compiled
+
+        shape = compiled.LayerShape.of(config)
+        if shape is None or any(layer.act is not F.silu for layer in self.layers):
+            return None
+        return compiled.load(compiled.artifact(self.compiled_dir, shape))
+
+    @property
+    def step_form(self) -> str:
+        """How a one-row decode step runs: "compiled", "eager" (the lean path) or "batch"."""
+        if self._any_unfused:
+            return "batch"
+        return "compiled" if self._compiled is not None else "eager"
 
     def _row_form(self, core: Any, head: Any, form: str) -> str | None:
         """The form one-row steps use: "fp16" (a second copy of the weights, for aten's fp16
@@ -515,6 +537,8 @@ class Engine:
         self._cos = (emb.cos() * self.rope_scale).to(self.dtype)
         self._sin = (emb.sin() * self.rope_scale).to(self.dtype)
         self._turns = torch.polar(torch.full_like(freqs, self.rope_scale), freqs)  # for the paired rows
+        self._turn_pairs = torch.view_as_real(self._turns)  # [position, dim / 2, (cos, sin)]
+        self._widths = torch.empty(capacity, dtype=torch.uint8)  # a row's length, as a slice's shape
 
     def _prefill(self, r: Request) -> bool:
         """Prefill the next chunk of ``r`` in the staging row; True once its first token is made and it
@@ -698,14 +722,31 @@ class Engine:
 
     def _row_step(self, ids: torch.Tensor, row: int, start: int) -> torch.Tensor:
         """``_forward`` for one token of one row, every layer fused: one user decoding alone, the usual
-        case. The same arithmetic in 2-D tensors, without index tensors, masks or reshapes: about 4,300
-        tensor ops a step where the batch path takes 5,900 (SmolLM2-135M: a 16.3 ms step 15.2 ms on a
-        2-core EPYC). Logits [1, vocab], fp32."""
+        case. Logits [1, vocab], fp32."""
+        hidden = self.embed(ids).to(self.dtype).view(1, -1)
+        if self._compiled is not None:
+            turn, widths = self._turn_pairs[start], self._widths[: start + 1]
+            for layer, keys, values in zip(self.layers, self._keys, self._values):
+                hidden = self._compiled([
+                    hidden, turn, widths, layer.norm1, layer.norm2, layer.qkv.row_t, layer.o.row_t,  # type: ignore[union-attr]
+                    layer.gate_up.row_t, layer.down.row_t, keys[row], values[row],  # type: ignore[union-attr]
+                ])[0]  # fmt: skip
+        else:
+            hidden = self._row_layers(hidden, row, start)
+        hidden = _rms_norm(hidden, self.norm, self.norm_eps)
+        logits = (self.head_t.product(hidden) if self.head_t is not None else self.head(hidden)).float()
+        if self._overflowed(logits):
+            return self._row_step(ids, row, start)
+        return logits
+
+    def _row_layers(self, hidden: torch.Tensor, row: int, start: int) -> torch.Tensor:
+        """The layers of ``_row_step``, eagerly: the batch path's arithmetic in 2-D tensors, without
+        index tensors, masks or reshapes (about 4,300 tensor ops a step where the batch path takes 5,900;
+        SmolLM2-135M: a 16.3 ms step 15.2 ms on a 2-core EPYC). model/compiled.py compiles the same."""
         heads, kv_heads, head_dim = self.heads, self.kv_heads, self.head_dim
         q_size, kv_size = heads * head_dim, kv_heads * head_dim
         turns = self._turns[start]  # [dim / 2]: every head's pairs turn alike
         width = start + 1
-        hidden = self.embed(ids).to(self.dtype).view(1, -1)
         for layer, keys, values in zip(self.layers, self._keys, self._values):
             qkv = layer.qkv.product(_rms_norm(hidden, layer.norm1, layer.eps)).float()  # type: ignore[union-attr]
             pairs = qkv[0, : q_size + kv_size].view(heads + kv_heads, -1, 2)
@@ -720,11 +761,7 @@ class Engine:
             gate_up = layer.gate_up.product(_rms_norm(hidden, layer.norm2, layer.eps))  # type: ignore[union-attr]
             half = gate_up.shape[-1] // 2
             hidden = hidden + layer.down.product(layer.act(gate_up[:, :half]) * gate_up[:, half:])  # type: ignore[union-attr]
-        hidden = _rms_norm(hidden, self.norm, self.norm_eps)
-        logits = (self.head_t.product(hidden) if self.head_t is not None else self.head(hidden)).float()
-        if self._overflowed(logits):
-            return self._row_step(ids, row, start)
-        return logits
+        return hidden
 
     def _overflowed(self, logits: torch.Tensor) -> bool:
         """Whether a one-row step the fp16 copy served gave logits that are not finite: the copy's range
@@ -746,6 +783,7 @@ class Engine:
         if self.head_t is not None:
             self.head_t.row = self.head_t.row_t = None
         self.row_form = None
+        self._compiled = None  # it needs the copy
 
     # --- picking tokens ---------------------------------------------------------------------------
     def _pick(self, logits: torch.Tensor, rows: list[Request]) -> list[int]:

@@ -134,6 +134,7 @@ class LanguageModel:
                 model, eos_ids=eos, sampling=sampling, max_batch=settings.batch_max, cpu_weights=settings.cpu_weights,
                 row_weights=settings.cpu_row_weights,
                 prefill_chunk=settings.prefill_chunk, prefix_cache=settings.prefix_cache,
+                compiled_dir=settings.compiled_dir if settings.cpu_compiled_step == "auto" else None,
             )  # fmt: skip
         except (AttributeError, TypeError) as err:
             raise ModelError(f"{self.base_path} is not a Llama-architecture model this engine can run: {err}") from err

@@ -160,7 +160,7 @@ def test_one_row_copy_is_kept_where_memory_allows(lm, monkeypatch):
     assert _engine(lm, cpu_weights="bf16", row_weights="fp16").row_form == "fp16"  # asked for: kept
 
 
-def test_a_one_row_step_that_overflows_fp16_is_redone_in_bf16(lm, caplog):
+def test_a_one_row_step_that_overflows_fp16_is_redone_in_bf16(lm, caplog, compiled_dir):
     """A model whose activations pass fp16's range would turn the copy's results into inf: the engine
     notices on the step's logits, drops the copy and gives the bf16 step's numbers instead."""
     import torch
@@ -171,18 +171,137 @@ def test_a_one_row_step_that_overflows_fp16_is_redone_in_bf16(lm, caplog):
         pytest.skip("this CPU has no native bf16 kernels: the fp16 one-row copy is made for the bf16 form only")
     ids = lm.render(build_messages(question=QUESTIONS[1]))
     plain = _last_token_step(_engine(lm, cpu_weights="bf16", row_weights="off"), ids)
-    # The lean one-row path, and the batch path's code for one row (a model with a layer that cannot be
-    # fused): the copy serves both.
-    for unfused in (False, True):
+    # The lean one-row path, the batch path's code for one row (a model with a layer that cannot be
+    # fused) and the compiled layer: the copy serves all three.
+    for unfused, folder in ((False, None), (True, None), (False, compiled_dir)):
         caplog.clear()
-        engine = _engine(lm, cpu_weights="bf16", row_weights="fp16")
+        engine = _engine(lm, cpu_weights="bf16", row_weights="fp16", compiled_dir=folder)
+        assert engine.step_form == ("compiled" if folder else "eager")
         engine._any_unfused = unfused
         engine.layers[3].down.row.fill_(60000.0)  # the copy only: its products overflow, bf16's do not
         step = _last_token_step(engine, ids)
-        assert engine.row_form is None and engine.layers[3].down.row is None
+        assert engine.row_form is None and engine.layers[3].down.row is None and engine._compiled is None
         assert "overflowed fp16" in caplog.text
         assert torch.isfinite(step).all()
-        assert torch.equal(step, plain), (unfused, (step - plain).abs().max())  # the same bf16 step, same cache
+        assert torch.equal(step, plain), (unfused, folder, (step - plain).abs().max())  # the same bf16 step, same cache
+
+
+@pytest.fixture(scope="module")
+def compiled_dir(lm):
+    """The folder holding the compiled one-row layer for the embedded model, built as `supportbot model
+    prepare` builds it (kept in the model cache: built once per machine)."""
+    from core.settings import load_settings
+    from model import compiled
+    from model.engine import bf16_kernels_available
+
+    if not bf16_kernels_available():
+        pytest.skip("this CPU has no native bf16 kernels: the compiled layer serves the fp16 one-row copy of bf16")
+    folder = load_settings().compiled_dir
+    assert compiled.prepare(folder, lm.model.config) is not None
+    return folder
+
+
+def _teacher_forced(engine, tokens: list[int], prompt: int):  # type: ignore[no-untyped-def]
+    """Prefill ``tokens[:prompt - 1]`` in cache row 0, then feed the rest one token at a time as one-row
+    steps: their logits, [len(tokens) - prompt + 1, vocab]."""
+    import torch
+
+    with torch.inference_mode():
+        engine._ensure_capacity(len(tokens))
+        engine._forward(torch.tensor([tokens[: prompt - 1]]), rows=[0], starts=[0], last_only=True)
+        steps = [engine._forward(torch.tensor([[tokens[p]]]), rows=[0], starts=[p], last_only=True)[0]
+                 for p in range(prompt - 1, len(tokens))]  # fmt: skip
+    return torch.stack(steps)
+
+
+def test_the_compiled_one_row_layer_computes_what_the_eager_one_does(lm, compiled_dir):
+    """One user decoding alone goes through the layer `model prepare` compiled (model/compiled.py): the
+    same arithmetic fused into a few C++ loops, so the same numbers within fp16 rounding, as close to
+    transformers' fp32 forward as the eager step, the same cache contents, from a row's first token on."""
+    import torch
+
+    eager = _engine(lm, cpu_weights="bf16", row_weights="fp16")
+    fast = _engine(lm, cpu_weights="bf16", row_weights="fp16", compiled_dir=compiled_dir)
+    assert (eager.step_form, fast.step_form) == ("eager", "compiled")
+    ids = lm.render(build_messages(question=QUESTIONS[0]))
+    request = _request(lm, QUESTIONS[0], max_new=12)
+    eager.run([request])
+    tokens = ids + request.generated
+    with torch.inference_mode():
+        reference = lm.model(input_ids=torch.tensor([tokens])).logits[0, len(ids) - 1 :]
+    ours, theirs = _teacher_forced(fast, tokens, len(ids)), _teacher_forced(eager, tokens, len(ids))
+    # 0.045-0.055 apart over 64 steps of three answers, each 0.15 at most from fp32 (mean 0.02-0.03).
+    assert torch.allclose(ours, theirs, atol=0.1), (ours - theirs).abs().max()
+    assert torch.allclose(ours, reference, atol=0.5), (ours - reference).abs().max()
+    assert torch.equal(ours.argmax(-1), reference.argmax(-1))
+    for fast_keys, eager_keys, fast_values, eager_values in zip(fast._keys, eager._keys, fast._values, eager._values):
+        assert torch.allclose(fast_keys[0, :, : len(tokens)], eager_keys[0, :, : len(tokens)], atol=0.1)
+        assert torch.allclose(fast_values[0, :, : len(tokens)], eager_values[0, :, : len(tokens)], atol=0.1)
+    # A one-token prompt: the compiled layer at a row's length 1, and in another cache row.
+    with torch.inference_mode():
+        first = [e._forward(torch.tensor([ids[:1]]), rows=[3], starts=[0], last_only=True) for e in (fast, eager)]
+    assert torch.allclose(first[0], first[1], atol=0.1), (first[0] - first[1]).abs().max()
+
+
+def test_the_compiled_layer_reads_the_weights_it_is_given(lm, compiled_dir):
+    """The compiled layer takes the weights as inputs, so one file serves every layer and every adapter:
+    changed weights change its numbers as they change the eager step's, and a reload (what an adapter
+    change calls) gives it the model's weights again."""
+    import torch
+
+    ids = lm.render(build_messages(question=QUESTIONS[1]))
+    fast = _engine(lm, cpu_weights="bf16", row_weights="fp16", compiled_dir=compiled_dir)
+    eager = _engine(lm, cpu_weights="bf16", row_weights="fp16")
+    before = _last_token_step(fast, ids)
+    for engine in (fast, eager):
+        engine.layers[4].gate_up.row.mul_(0.5)
+        engine.layers[9].qkv.row.mul_(1.5)
+    changed, expected = _last_token_step(fast, ids), _last_token_step(eager, ids)
+    assert (changed - before).abs().max() > 1.0
+    assert torch.allclose(changed, expected, atol=0.1), (changed - expected).abs().max()
+    fast.reload()
+    assert fast.step_form == "compiled"
+    assert torch.allclose(_last_token_step(fast, ids), before, atol=1e-5)
+
+
+def test_without_a_usable_compiled_layer_one_row_steps_run_eagerly(lm, compiled_dir, tmp_path: Path, caplog):
+    from model import compiled
+
+    assert _engine(lm, cpu_weights="bf16", row_weights="fp16", compiled_dir=tmp_path).step_form == "eager"  # none built
+    damaged = compiled.artifact(tmp_path, compiled.LayerShape.of(lm.model.config))  # type: ignore[arg-type]
+    damaged.write_bytes(b"not a compiled package")
+    assert _engine(lm, cpu_weights="bf16", row_weights="fp16", compiled_dir=tmp_path).step_form == "eager"
+    assert "could not load the compiled one-row decode layer" in caplog.text
+    # It serves the fp16 copy only: the bf16 or fp32 one-row steps and unfused layers stay as they are.
+    assert _engine(lm, cpu_weights="bf16", row_weights="off", compiled_dir=compiled_dir).step_form == "eager"
+    assert _engine(lm, cpu_weights="fp32", compiled_dir=compiled_dir).step_form == "eager"
+
+
+def test_the_worker_model_takes_the_compiled_layer_model_prepare_built(compiled_dir, tmp_path: Path, monkeypatch):
+    import torch._inductor
+
+    from core.settings import load_settings
+    from model.compiled import prepare_for
+    from model.embedded import resolve_base
+    from model.runtime import LanguageModel
+
+    settings = load_settings(max_new_tokens=4)
+    assert LanguageModel(settings).engine.step_form == "compiled"
+    off = settings.model_copy(update={"cpu_compiled_step": "off"})
+    assert LanguageModel(off).engine.step_form == "eager"
+    assert "off" in prepare_for(off, Path("unused"))
+    fp32 = settings.model_copy(update={"cpu_weights": "fp32"})
+    assert "not used here" in prepare_for(fp32, Path("unused"))
+
+    def no_compiler(*args, **kwargs):  # type: ignore[no-untyped-def]
+        raise RuntimeError("g++ not found")
+
+    # A machine without a C++ compiler: prepare says so and leaves nothing behind; the model still serves.
+    monkeypatch.setattr(torch._inductor, "aoti_compile_and_package", no_compiler)
+    bare = settings.model_copy(update={"model_cache": tmp_path})
+    said = prepare_for(bare, resolve_base(settings))
+    assert "not built, one-row steps run eagerly" in said and "g++ not found" in said
+    assert not any(tmp_path.rglob("*.pt2"))
 
 
 def test_layers_that_cannot_be_fused_run_as_modules_beside_fused_ones(lm, monkeypatch):
@@ -217,12 +336,15 @@ def _run_joining(engine, requests):  # type: ignore[no-untyped-def]
     return peak
 
 
-@pytest.mark.parametrize("form, row", [("fp32", "off"), ("fp16", "off"), ("bf16", "off"), ("bf16", "fp16")])
-def test_continuous_batching_gives_each_request_its_text_alone(lm, form, row):
+@pytest.mark.parametrize("form, row, compiled", [("fp32", "off", False), ("fp16", "off", False), ("bf16", "off", False),
+                                                  ("bf16", "fp16", False), ("bf16", "fp16", True)])  # fmt: skip
+def test_continuous_batching_gives_each_request_its_text_alone(lm, form, row, compiled, request):
     from model.engine import Sampling, cpu_weight_form
 
     if cpu_weight_form(form) != form:
         pytest.skip(f"this CPU has no native {form} kernels (the engine would fall back)")
+    # With the compiled one-row layer a request alone decodes through it, in a batch through bf16.
+    folder = request.getfixturevalue("compiled_dir") if compiled else None
     # bf16 products round their inputs to 8 bits of mantissa: a row's attention over a batch's longer
     # keys (masked to zero) sums in another order, and where two tokens are almost tied that rounding
     # can pick the other. So for bf16 the check is on plain greedy decoding, where such a tie is
@@ -233,14 +355,15 @@ def test_continuous_batching_gives_each_request_its_text_alone(lm, form, row):
     sampling = lm.sampling() if exact else Sampling()
     alone = []
     for q in QUESTIONS:
-        engine = _engine(lm, prefix_cache=0, cpu_weights=form, row_weights=row)
+        engine = _engine(lm, prefix_cache=0, cpu_weights=form, row_weights=row, compiled_dir=folder)
+        assert engine.step_form == ("compiled" if compiled else "eager")
         engine.sampling = sampling
         r = _request(lm, q)
         engine.run([r])
         alone.append(r)
     assert all(r.generated for r in alone)
 
-    engine = _engine(lm, prefill_chunk=64, cpu_weights=form, row_weights=row)
+    engine = _engine(lm, prefill_chunk=64, cpu_weights=form, row_weights=row, compiled_dir=folder)
     engine.sampling = sampling
     requests = [_request(lm, q) for q in QUESTIONS]
     assert _run_joining(engine, requests) > 1  # they really shared decode steps
