@@ -18,10 +18,13 @@ Where it is missing or cannot be built (no C++ compiler), the engine runs the sa
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import inspect
 import logging
 import os
 import platform
+import re
 import time
 import warnings
 import zipfile
@@ -70,25 +73,39 @@ class LayerShape:
 
 
 def artifact(folder: Path, shape: LayerShape) -> Path:
-    """Where the layer for ``shape`` is kept: one file per shape, torch version and CPU (code built with
-    AVX512 would crash a CPU without it)."""
-    key = f"{astuple(shape)}|{torch.__version__}|{platform.machine()}|{_cpu_features()}"
+    """Where the layer for ``shape`` is kept: one file per shape, torch version, CPU instruction set and
+    version of the code below. The runner checks nothing it is given, so a file built from other code or
+    for another CPU (AVX512 code on a CPU without it) must never be found."""
+    key = f"{astuple(shape)}|{torch.__version__}|{platform.machine()}|{_instruction_set()}|{_code_version()}"
     return folder / f"row-layer-{hashlib.sha256(key.encode()).hexdigest()[:16]}.so"
 
 
-def _cpu_features() -> str:
-    """The CPU's instruction-set features, which the compiled code may use: from /proc/cpuinfo (a
-    millisecond), else the compiler's own probe (a second: it builds and runs test programs)."""
+# The CPU flags that name instruction sets (x86: sse*, avx*, fma, f16c, bmi*, amx*, *vnni*; ARM: asimd,
+# sve*, fp16 ...); the rest of /proc/cpuinfo's flags (mitigations, hypervisor) change with the kernel
+# and the host, and would make a worker run eagerly for nothing.
+_ISA_FLAG = re.compile(r"^(sse|ssse|avx|fma|f16c|bmi|amx|vnni|vpclmul|gfni|vaes|asimd|sve|sme|fp|bf16|i8mm|dotprod)")
+
+
+@functools.cache
+def _instruction_set() -> str:
+    """The CPU's instruction sets, which the compiled code may use (it is built with -march=native): from
+    /proc/cpuinfo (a millisecond), else the compiler's own probe (a second: it builds test programs)."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             name, _, value = line.partition(":")
             if name.strip() in ("flags", "Features"):  # x86, ARM
-                return " ".join(sorted(set(value.split())))
+                return " ".join(sorted({f for f in value.split() if _ISA_FLAG.match(f) or "vnni" in f}))
     except OSError:
         pass
     from torch._inductor.cpu_vec_isa import pick_vec_isa
 
     return str(pick_vec_isa())
+
+
+@functools.cache
+def _code_version() -> str:
+    """A hash of the code that decides what the library computes and takes."""
+    return hashlib.sha256("".join(inspect.getsource(f) for f in (RowLayer, _rms_norm, build)).encode()).hexdigest()
 
 
 class RowLayer(torch.nn.Module):
@@ -161,7 +178,10 @@ def build(shape: LayerShape, path: Path) -> Path:
     part = path.with_name(f"{path.stem}.tmp-{os.getpid()}.so")
     started = time.monotonic()
     try:
-        with torch.no_grad(), warnings.catch_warnings():
+        # Threads as the serving process sets them (SUPPORTBOT_TORCH_THREADS), not fixed to the count of
+        # the process that builds.
+        threads = torch._inductor.config.patch({"cpp.dynamic_threads": True})
+        with torch.no_grad(), warnings.catch_warnings(), threads:
             warnings.simplefilter("ignore", FutureWarning)  # torch's own deprecations, nothing to act on
             exported = torch.export.export(RowLayer(shape), args, dynamic_shapes=dynamic)
             torch._inductor.aoti_compile_and_package(exported, package_path=str(package))
@@ -220,7 +240,6 @@ def prepare(folder: Path, config: Any) -> Path | None:
     return path
 
 
-
 def prepare_for(settings: Settings, base: Path) -> str:
     """Build the layer for the model at ``base`` where the engine would use it with ``settings`` (the
     CPU, the bf16 weights with their fp16 one-row copy); a line saying what was done. A build that fails
@@ -235,6 +254,12 @@ def prepare_for(settings: Settings, base: Path) -> str:
     if (pick_device(settings.device) != "cpu" or settings.load_in_4bit or settings.cpu_row_weights == "off"
             or cpu_weight_form(settings.cpu_weights) != "bf16"):  # fmt: skip
         return "compiled one-row layer: not used here (it serves the fp16 one-row copy of the CPU's bf16 weights)"
+    from torch._inductor.cpp_builder import get_cpp_compiler
+
+    try:
+        get_cpp_compiler()
+    except Exception:  # inductor's InvalidCxxCompiler and what its probe raises
+        return "compiled one-row layer: not built, no C++ compiler here (set CXX); one-row steps run eagerly"
     started = time.monotonic()
     try:
         path = prepare(settings.compiled_dir, AutoConfig.from_pretrained(base))

@@ -723,21 +723,32 @@ class Engine:
     def _row_step(self, ids: torch.Tensor, row: int, start: int) -> torch.Tensor:
         """``_forward`` for one token of one row, every layer fused: one user decoding alone, the usual
         case. Logits [1, vocab], fp32."""
-        hidden = self.embed(ids).to(self.dtype).view(1, -1)
-        if self._compiled is not None:
-            turn, widths = self._turn_pairs[start], self._widths[: start + 1]
-            for layer, keys, values in zip(self.layers, self._keys, self._values):
-                hidden = self._compiled([
-                    hidden, turn, widths, layer.norm1, layer.norm2, layer.qkv.row_t, layer.o.row_t,  # type: ignore[union-attr]
-                    layer.gate_up.row_t, layer.down.row_t, keys[row], values[row],  # type: ignore[union-attr]
-                ])[0]  # fmt: skip
-        else:
-            hidden = self._row_layers(hidden, row, start)
+        embedded = self.embed(ids).to(self.dtype).view(1, -1)
+        hidden = self._compiled_layers(embedded, row, start) if self._compiled is not None and start > 0 else None
+        if hidden is None:
+            hidden = self._row_layers(embedded, row, start)
         hidden = _rms_norm(hidden, self.norm, self.norm_eps)
         logits = (self.head_t.product(hidden) if self.head_t is not None else self.head(hidden)).float()
         if self._overflowed(logits):
             return self._row_step(ids, row, start)
         return logits
+
+    def _compiled_layers(self, hidden: torch.Tensor, row: int, start: int) -> torch.Tensor | None:
+        """The layers of ``_row_step`` through the compiled layer (model/compiled.py; built for rows of two
+        tokens or more: a row's first token runs eagerly). None where it failed: it is dropped for good,
+        and the caller runs the step eagerly (rewriting the same cache slots)."""
+        turn, widths = self._turn_pairs[start], self._widths[: start + 1]
+        try:
+            for layer, keys, values in zip(self.layers, self._keys, self._values):
+                hidden = self._compiled([  # type: ignore[misc]
+                    hidden, turn, widths, layer.norm1, layer.norm2, layer.qkv.row_t, layer.o.row_t,  # type: ignore[union-attr]
+                    layer.gate_up.row_t, layer.down.row_t, keys[row], values[row],  # type: ignore[union-attr]
+                ])[0]  # fmt: skip
+        except RuntimeError as err:  # what the runner raises for its own errors
+            log.warning("the compiled one-row layer failed (%s): one-row steps run eagerly from now on", err)
+            self._compiled = None
+            return None
+        return hidden
 
     def _row_layers(self, hidden: torch.Tensor, row: int, start: int) -> torch.Tensor:
         """The layers of ``_row_step``, eagerly: the batch path's arithmetic in 2-D tensors, without
